@@ -1,0 +1,127 @@
+"""SASRec-style causal Transformer for next-item prediction.
+
+Inputs are internal item ids `[batch, length]`, left-padded with 0, oldest item first.
+Positions count back from the most recent item, so a history's encoding does not depend on
+how much padding its batch needed (the same convention as SASRec's fixed-length inputs).
+Masks use `torch.where` instead of multiplying by a float mask so the graph converts to FP16.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from compression.configs import ModelConfig
+
+
+class FastDropout(nn.Module):
+    """Dropout whose mask comes from random bytes: ~7x cheaper than `nn.Dropout` on CPU.
+
+    The drop probability is rounded to a multiple of 1/256. Identity in eval mode, so it
+    never appears in exported graphs.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.threshold = round(p * 256)
+        self.scale = 256.0 / (256 - self.threshold)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.threshold == 0:
+            return x
+        n_words = -(-x.numel() // 8)
+        noise = torch.randint(-(2**63), 2**63 - 1, (n_words,), dtype=torch.int64, device=x.device)
+        keep = noise.view(torch.uint8)[: x.numel()].view(x.shape) >= self.threshold
+        return torch.where(keep, x * self.scale, 0.0)
+
+
+class CausalSelfAttention(nn.Module):
+    # No dropout on attention weights: it doubled attention time on CPU; dropout stays on
+    # embeddings, residual branches and FFN outputs.
+    def __init__(self, hidden: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
+        b, length, h = x.shape
+        q, k, v = self.qkv(x).split(h, dim=-1)
+        shape = (b, length, self.n_heads, h // self.n_heads)
+        q, k, v = (t.reshape(shape).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(y.transpose(1, 2).reshape(b, length, h))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm Transformer block."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.hidden)
+        self.attn = CausalSelfAttention(cfg.hidden, cfg.n_heads)
+        self.ln2 = nn.LayerNorm(cfg.hidden)
+        self.ffn = nn.Sequential(
+            nn.Linear(cfg.hidden, cfg.ffn_width),
+            nn.GELU(),
+            nn.Linear(cfg.ffn_width, cfg.hidden),
+        )
+        self.drop = FastDropout(cfg.dropout)
+
+    def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), attn_mask))
+        return x + self.drop(self.ffn(self.ln2(x)))
+
+
+class SASRec(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.hidden, padding_idx=0)
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden)
+        self.emb_drop = FastDropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_blocks))
+        self.final_ln = nn.LayerNorm(cfg.hidden)
+        self.out_emb = None if cfg.tied else nn.Embedding(cfg.n_items + 1, cfg.hidden)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    @property
+    def output_weight(self) -> Tensor:
+        """`[n_items + 1, hidden]`: row i scores internal item i (row 0 is padding)."""
+        return self.item_emb.weight if self.out_emb is None else self.out_emb.weight
+
+    def encode(self, seq: Tensor) -> Tensor:
+        """Hidden state at every position, `[batch, length, hidden]` (padding rows are 0)."""
+        seq = seq[:, -self.cfg.max_len :]
+        length = seq.shape[1]
+        valid = seq > 0
+        positions = torch.arange(length - 1, -1, -1, device=seq.device)
+        x = self.item_emb(seq) * math.sqrt(self.cfg.hidden) + self.pos_emb(positions)
+        x = torch.where(valid.unsqueeze(-1), self.emb_drop(x), 0.0)
+        # Causal, and padding keys hidden; the diagonal stays open so that padding queries
+        # still have one key (their outputs are discarded) instead of producing NaN.
+        causal = torch.ones(length, length, dtype=torch.bool, device=seq.device).tril()
+        diag = torch.eye(length, dtype=torch.bool, device=seq.device)
+        attn_mask = ((causal & valid.unsqueeze(1)) | diag).unsqueeze(1)
+        for block in self.blocks:
+            x = torch.where(valid.unsqueeze(-1), block(x, attn_mask), 0.0)
+        return self.final_ln(x)
+
+    def forward(self, seq: Tensor) -> Tensor:
+        """Scores of every item after the last position, `[batch, n_items + 1]`."""
+        last = self.encode(seq)[:, -1, :]
+        return last @ self.output_weight.T
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,220 @@
+"""Training loop: full-softmax cross-entropy over all items at every position ("SASRec+").
+
+Speed choices measured on the 2-core CPU (../shared/DESIGN.md §8 and benchmarks/):
+batches of similar length padded to their own maximum; the positions x items logit matrix
+is never stored (cross-entropy runs in row chunks, recomputed in backward); bf16 autocast.
+`torch.compile` was slower than eager here and is not used.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+
+from compression.configs import ModelConfig, TrainConfig
+from compression.data import Split, pad_left
+from compression.evaluate import evaluate_model
+from compression.model import SASRec
+
+CHECKPOINT_FORMAT = "recsys-sasrec/1"
+
+
+def seed_everything(seed: int) -> np.random.Generator:
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+def training_pairs(train: list[np.ndarray], max_len: int) -> tuple[list[np.ndarray], ...]:
+    """(input, target) per user: predict item t+1 from items <= t, last `max_len` steps."""
+    inputs, targets = [], []
+    for seq in train:
+        if len(seq) >= 2:
+            inputs.append(seq[:-1][-max_len:])
+            targets.append(seq[1:][-max_len:])
+    return inputs, targets
+
+
+def length_bucketed_batches(
+    lengths: np.ndarray, batch_size: int, rng: np.random.Generator, chunk_batches: int = 50
+) -> Iterator[np.ndarray]:
+    """Shuffle, sort each chunk of `chunk_batches` batches by length, yield shuffled batches.
+
+    Padding each batch to its own maximum then costs little, while order stays random.
+    """
+    perm = rng.permutation(len(lengths))
+    batches = []
+    chunk = batch_size * chunk_batches
+    for start in range(0, len(perm), chunk):
+        part = perm[start : start + chunk]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        batches.extend(part[i : i + batch_size] for i in range(0, len(part), batch_size))
+    for i in rng.permutation(len(batches)):
+        yield batches[i]
+
+
+def _ce_sum(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy((hidden @ weight.T).float(), targets, reduction="sum")
+
+
+def full_softmax_ce(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int) -> Tensor:
+    """Mean cross-entropy of `hidden @ weight.T` without keeping the full logit matrix.
+
+    `weight` excludes the padding row, so `targets` are internal ids minus one. Each chunk is
+    checkpointed: its logits are recomputed in backward instead of stored, which is what
+    makes the full softmax over all items affordable in memory and time.
+    """
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_rows):
+        end = start + chunk_rows
+        total = total + checkpoint(
+            _ce_sum, hidden[start:end], weight, targets[start:end], use_reentrant=False
+        )
+    return total / hidden.shape[0]
+
+
+@dataclass
+class TrainResult:
+    model: SASRec
+    best_epoch: int
+    epochs_run: int
+    wall_s: float
+    best_valid: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    stopped_by: str = "max_epochs"
+
+
+LossFn = Callable[[SASRec, Tensor, Tensor], Tensor]
+
+
+def sasrec_loss(chunk_rows: int) -> LossFn:
+    def loss(model: SASRec, inputs: Tensor, targets: Tensor) -> Tensor:
+        hidden = model.encode(inputs)
+        valid = targets > 0
+        return full_softmax_ce(
+            hidden[valid], model.output_weight[1:], targets[valid] - 1, chunk_rows
+        )
+
+    return loss
+
+
+def train(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    split: Split,
+    loss_fn: LossFn | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train from scratch; return the model with the best validation NDCG@10."""
+    if train_cfg.threads:
+        torch.set_num_threads(train_cfg.threads)
+    rng = seed_everything(train_cfg.seed)
+    model = SASRec(model_cfg)
+    loss_fn = loss_fn or sasrec_loss(train_cfg.loss_chunk_rows)
+    inputs, targets = training_pairs(split.train, model_cfg.max_len)
+    if not inputs:
+        raise ValueError("no user has 2+ training items; nothing to train on")
+    lengths = np.array([len(x) for x in inputs])
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=train_cfg.lr, betas=(0.9, 0.98), weight_decay=train_cfg.weight_decay
+    )
+    best_state = copy.deepcopy(model.state_dict())
+    best_ndcg, best_epoch, best_valid, bad_evals = -1.0, 0, {}, 0
+    history: list[dict[str, float]] = []
+    started = time.perf_counter()
+    stopped_by, epoch = "max_epochs", 0
+    for epoch in range(1, train_cfg.max_epochs + 1):
+        model.train()
+        epoch_start = time.perf_counter()
+        loss_sum, positions = 0.0, 0
+        batches = list(length_bucketed_batches(lengths, train_cfg.batch_size, rng))
+        bar = tqdm(batches, desc=f"epoch {epoch}", disable=not progress, leave=False)
+        for idx in bar:
+            x = torch.from_numpy(pad_left([inputs[i] for i in idx], model_cfg.max_len))
+            y = torch.from_numpy(pad_left([targets[i] for i in idx], model_cfg.max_len))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=train_cfg.bf16):
+                loss = loss_fn(model, x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            n = int(lengths[idx].sum())
+            loss_sum += float(loss.detach()) * n
+            positions += n
+            rate = positions / (time.perf_counter() - epoch_start)
+            bar.set_postfix(loss=f"{loss_sum / positions:.4f}", pos_per_s=f"{rate:,.0f}")
+        epoch_s = time.perf_counter() - epoch_start
+        record: dict[str, float] = {
+            "epoch": epoch,
+            "loss": loss_sum / positions,
+            "epoch_s": epoch_s,
+        }
+        if epoch % train_cfg.eval_every == 0 or epoch == train_cfg.max_epochs:
+            valid = evaluate_model(model, split, "valid", train_cfg.eval_batch_size)
+            record.update({f"valid_{k}": v for k, v in valid.items() if k != "users"})
+            if valid["ndcg@10"] > best_ndcg:
+                best_ndcg, best_epoch, best_valid, bad_evals = valid["ndcg@10"], epoch, valid, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                bad_evals += 1
+        history.append(record)
+        elapsed = time.perf_counter() - started
+        log(
+            f"epoch {epoch:3d}  loss {record['loss']:.4f}  {epoch_s:5.1f}s  "
+            f"valid ndcg@10 {record.get('valid_ndcg@10', float('nan')):.4f}  "
+            f"best {best_ndcg:.4f} @ {best_epoch}  elapsed {elapsed / 60:.1f} min"
+        )
+        if bad_evals >= train_cfg.patience:
+            stopped_by = "early_stopping"
+            break
+        if train_cfg.time_limit_s and elapsed >= train_cfg.time_limit_s:
+            stopped_by = "time_limit"
+            break
+    model.load_state_dict(best_state)
+    model.eval()
+    return TrainResult(
+        model=model,
+        best_epoch=best_epoch,
+        epochs_run=epoch,
+        wall_s=time.perf_counter() - started,
+        best_valid=best_valid,
+        history=history,
+        stopped_by=stopped_by,
+    )
+
+
+def save_checkpoint(path: Path, model: SASRec, extra: dict[str, Any] | None = None) -> None:
+    """A checkpoint carries its own config, so loading needs nothing else."""
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "config": model.cfg.model_dump(),
+        "state_dict": model.state_dict(),
+        "extra": extra or {},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path) -> SASRec:
+    """Load without pickle code execution (`weights_only=True`): artifacts may be untrusted."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if payload.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"format tag {payload.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+        model = SASRec(ModelConfig(**payload["config"]))
+        model.load_state_dict(payload["state_dict"])
+    except Exception as exc:  # any corruption surfaces as one clear message
+        raise ValueError(f"{path}: not a usable model checkpoint ({exc})") from exc
+    model.eval()
+    return model

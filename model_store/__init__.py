@@ -1,0 +1,30 @@
+"""Versioned, checksummed, atomically published model store (DESIGN.md §3).
+
+Pure stdlib + pydantic: the serving app imports this without PyTorch or numpy.
+"""
+
+from model_store.manifest import (
+    SCHEMA_VERSION,
+    ArtifactInfo,
+    DatasetInfo,
+    Manifest,
+    ManifestError,
+    Signature,
+    TensorSpec,
+    load_manifest,
+)
+from model_store.store import ModelStore, StoreError, sha256_file
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "ArtifactInfo",
+    "DatasetInfo",
+    "Manifest",
+    "ManifestError",
+    "ModelStore",
+    "Signature",
+    "StoreError",
+    "TensorSpec",
+    "load_manifest",
+    "sha256_file",
+]
