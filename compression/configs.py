@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class _Strict(BaseModel):
@@ -80,12 +80,19 @@ class TeacherRecipe(_Strict):
         return ModelConfig(n_items=n_items, **self.model)  # type: ignore[arg-type]
 
 
+def validation_message(exc: ValidationError) -> str:
+    """First problem of a pydantic error as `where: what` on one line."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "recipe"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{where}: {msg}{more}"
+
+
 def load_recipe(path: str) -> TeacherRecipe:
     """Read a TOML recipe; any problem becomes one line naming the file and the key."""
     import tomllib
     from pathlib import Path
-
-    from pydantic import ValidationError
 
     file = Path(path)
     try:
@@ -97,6 +104,4 @@ def load_recipe(path: str) -> TeacherRecipe:
     try:
         return TeacherRecipe(**raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "recipe"
-        raise ValueError(f"{file}: {where}: {err['msg']}") from None
+        raise ValueError(f"{file}: {validation_message(exc)}") from None

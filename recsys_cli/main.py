@@ -1,0 +1,272 @@
+"""`recsys`: the one composition root that reaches both offline and online code.
+
+Imports are lazy so that commands which never train (`store`, later `serve`) never load
+PyTorch. Every user mistake ends as one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Train, evaluate, store and serve Transformer recommenders.",
+)
+store_app = typer.Typer(no_args_is_help=True, help="Inspect the model store.")
+app.add_typer(store_app, name="store")
+
+DEFAULT_STORE = "model_store/models"
+StoreOpt = Annotated[
+    Path,
+    typer.Option(
+        "--store", envvar="RECSYS_STORE", help="Model store root folder.", show_default=True
+    ),
+]
+
+
+class UserError(Exception):
+    """A problem the user can fix; shown as one line, exit code 2."""
+
+
+def _store(path: Path) -> Any:
+    from model_store.store import ModelStore
+
+    return ModelStore(path)
+
+
+def _recipe_with_overrides(recipe_path: Path | None, **overrides: Any) -> Any:
+    from pydantic import ValidationError
+
+    from compression.configs import TeacherRecipe, load_recipe, validation_message
+
+    base = load_recipe(str(recipe_path)) if recipe_path else TeacherRecipe()
+    raw = base.model_dump()
+    sections = {"data": {"data_path": "path"}, "model": {}, "train": {}}
+    model_keys = {"max_len", "hidden", "n_blocks", "n_heads", "ffn", "dropout"}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key == "name":
+            raw["name"] = value
+        elif key in sections["data"]:
+            raw["data"][sections["data"][key]] = value
+        elif key in model_keys:
+            raw["model"][key] = value
+        else:
+            raw["train"][key] = value
+    try:
+        return TeacherRecipe(**raw)
+    except ValidationError as exc:
+        raise UserError(validation_message(exc)) from None
+
+
+def _metrics_table(title: str, rows: list[tuple[str, dict[str, float], str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("model", "HR@10", "NDCG@10", "HR@20", "NDCG@20", "MRR", "notes"):
+        table.add_column(col, justify="left" if col in ("model", "notes") else "right")
+    for label, m, notes in rows:
+        table.add_row(
+            label,
+            *(f"{m[k]:.4f}" for k in ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr")),
+            notes,
+        )
+    Console().print(table)
+
+
+def _report_teacher(report: Any, stage: str = "test") -> None:
+    ref = f"{report.manifest.name}@{report.manifest.version}"
+    _metrics_table(
+        f"{stage} set, full ranking over {report.manifest.dataset.n_items:,} items, "
+        f"history masked ({report.manifest.dataset.name})",
+        [
+            (
+                ref,
+                report.test,
+                f"{report.params:,} params, {report.epochs} epochs (best {report.best_epoch}), "
+                f"{report.wall_s:.0f} s",
+            ),
+            ("popularity", report.popularity_test, "baseline"),
+        ],
+    )
+
+
+@app.command()
+def train(
+    recipe: Annotated[
+        Path | None, typer.Option(help="TOML recipe (see recipes/); flags override it.")
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option(help="Data file or 'synthetic[:users=..,items=..]'.")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Model name in the store.")] = None,
+    max_len: Annotated[int | None, typer.Option(help="Most recent items the model reads.")] = None,
+    hidden: Annotated[int | None, typer.Option(help="Hidden size.")] = None,
+    n_blocks: Annotated[int | None, typer.Option(help="Transformer blocks.")] = None,
+    n_heads: Annotated[int | None, typer.Option(help="Attention heads.")] = None,
+    dropout: Annotated[float | None, typer.Option(help="Dropout rate.")] = None,
+    max_epochs: Annotated[int | None, typer.Option(help="Epoch limit.")] = None,
+    time_limit_s: Annotated[float | None, typer.Option(help="Wall-time limit.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    store: StoreOpt = Path(DEFAULT_STORE),
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Train a SASRec teacher, evaluate it (full ranking) and publish it to the store."""
+    from compression.pipeline import train_teacher
+
+    cfg = _recipe_with_overrides(
+        recipe,
+        data_path=data,
+        name=name,
+        max_len=max_len,
+        hidden=hidden,
+        n_blocks=n_blocks,
+        n_heads=n_heads,
+        dropout=dropout,
+        max_epochs=max_epochs,
+        time_limit_s=time_limit_s,
+        seed=seed,
+    )
+    report = train_teacher(cfg, _store(store), progress=progress)
+    _report_teacher(report)
+
+
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Argument(help="Stored model: NAME, NAME@VERSION or NAME@latest.")],
+    data: Annotated[
+        str | None, typer.Option(help="Data file; default: the data set in the manifest's recipe.")
+    ] = None,
+    stage: Annotated[str, typer.Option(help="'test' or 'valid'.")] = "test",
+    store: StoreOpt = Path(DEFAULT_STORE),
+) -> None:
+    """Evaluate a stored model with full ranking, next to the popularity baseline."""
+    if stage not in ("test", "valid"):
+        raise UserError(f"--stage must be 'test' or 'valid', got {stage!r}")
+    from compression.configs import DataSpec
+    from compression.data import leave_one_out
+    from compression.evaluate import evaluate_model, evaluate_popularity
+    from compression.pipeline import load_from_spec
+    from compression.train import load_checkpoint
+
+    manifest, folder = _store(store).load(model)
+    if "model.pt" not in manifest.artifacts:
+        raise UserError(f"{model}: has no PyTorch checkpoint (model.pt) to evaluate")
+    spec = DataSpec(**manifest.recipe.get("data", {}))
+    if data is not None:
+        spec = spec.model_copy(update={"path": data})
+    dataset = load_from_spec(spec)
+    if dataset.sha256 != manifest.dataset.sha256:
+        raise UserError(
+            f"{spec.path}: sha256 {dataset.sha256[:12]}… differs from the data {model} was "
+            f"trained on ({manifest.dataset.sha256[:12]}…); item ids would not line up"
+        )
+    split = leave_one_out(dataset)
+    net = load_checkpoint(folder / "model.pt")
+    _metrics_table(
+        f"{stage} set, full ranking over {dataset.n_items:,} items, history masked "
+        f"({dataset.name})",
+        [
+            (f"{manifest.name}@{manifest.version}", evaluate_model(net, split, stage), ""),
+            ("popularity", evaluate_popularity(split, stage), "baseline"),
+        ],
+    )
+
+
+@store_app.command("list")
+def store_list(store: StoreOpt = Path(DEFAULT_STORE)) -> None:
+    """List every stored model version with its headline metrics."""
+    from rich.console import Console
+    from rich.table import Table
+
+    manifests = _store(store).list()
+    if not manifests:
+        typer.echo(f"no models in {store}")
+        return
+    table = Table(title=f"model store: {store}")
+    for col in ("model", "kind", "parent", "data set", "params", "HR@10", "NDCG@10", "created"):
+        table.add_column(col)
+    for m in manifests:
+        metrics = m.metrics
+        table.add_row(
+            f"{m.name}@{m.version}",
+            m.kind,
+            m.parent or "-",
+            m.dataset.name,
+            f"{int(metrics['params']):,}" if "params" in metrics else "-",
+            f"{metrics['test_hr@10']:.4f}" if "test_hr@10" in metrics else "-",
+            f"{metrics['test_ndcg@10']:.4f}" if "test_ndcg@10" in metrics else "-",
+            m.created_at,
+        )
+    Console().print(table)
+
+
+@store_app.command("show")
+def store_show(
+    model: Annotated[str, typer.Argument(help="NAME, NAME@VERSION or NAME@latest.")],
+    store: StoreOpt = Path(DEFAULT_STORE),
+    verify: Annotated[bool, typer.Option(help="Check every artifact's sha256.")] = True,
+) -> None:
+    """Print a model's manifest (JSON), after verifying its artifacts."""
+    s = _store(store)
+    manifest, _ = s.load(model) if verify else s.resolve(model)
+    typer.echo(manifest.to_json().rstrip())
+
+
+@app.command()
+def demo(
+    store: StoreOpt = Path(DEFAULT_STORE),
+    data: Annotated[str, typer.Option(help="Data set for the demo.")] = "synthetic",
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """End to end on embedded synthetic data: train a teacher, evaluate, publish (~1-2 min)."""
+    from compression.configs import TeacherRecipe
+    from compression.pipeline import train_teacher
+
+    recipe = TeacherRecipe(
+        name="demo-teacher",
+        data={"path": data},
+        model={"max_len": 50, "hidden": 64, "n_blocks": 2, "n_heads": 2, "dropout": 0.2},
+        train={"max_epochs": 40, "patience": 5, "time_limit_s": 150, "lr": 0.002},
+    )
+    report = train_teacher(recipe, _store(store), progress=progress)
+    _report_teacher(report)
+    typer.echo(f"published {report.manifest.name}@{report.manifest.version} to {store}")
+
+
+def main() -> None:
+    """Console entry point: one line and exit 2 for every user error, never a traceback."""
+    from compression.data import DataError
+    from model_store.manifest import ManifestError
+    from model_store.store import StoreError
+
+    os.environ.setdefault("TQDM_MININTERVAL", "1")
+    try:
+        app(standalone_mode=False)
+    except (UserError, DataError, ManifestError, StoreError, ValueError) as exc:
+        typer.echo(f"error: {str(exc).splitlines()[0]}", err=True)
+        sys.exit(2)
+    except Exception as exc:
+        # Click's usage errors (typer may vendor its own copy of click, so match by shape).
+        if type(exc).__name__ == "Abort":
+            typer.echo("aborted", err=True)
+            sys.exit(130)
+        if not hasattr(exc, "format_message"):
+            raise
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        typer.echo(f"error: {exc.format_message()}{hint}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Model semantics, the chunked loss, checkpoints, and learning on synthetic data."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from pydantic import ValidationError
+
+from compression.configs import ModelConfig, TrainConfig
+from compression.data import leave_one_out
+from compression.evaluate import evaluate_model, evaluate_popularity
+from compression.model import FastDropout, SASRec
+from compression.synthetic import SyntheticConfig, synthetic_dataset
+from compression.train import (
+    full_softmax_ce,
+    length_bucketed_batches,
+    load_checkpoint,
+    save_checkpoint,
+    train,
+)
+
+
+def small_model(**kw: object) -> SASRec:
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_items=50, max_len=12, hidden=16, n_heads=2, **kw)  # type: ignore[arg-type]
+    return SASRec(cfg).eval()
+
+
+def test_scores_do_not_depend_on_padding() -> None:
+    model = small_model()
+    seq = torch.tensor([[5, 9, 2, 7]])
+    padded = torch.tensor([[0, 0, 0, 5, 9, 2, 7]])
+    with torch.no_grad():
+        assert torch.allclose(model(seq), model(padded), atol=1e-5)
+        assert model(seq).shape == (1, 51)
+
+
+def test_attention_is_causal_and_window_truncates() -> None:
+    model = small_model()
+    a = torch.tensor([[3, 4, 5, 6, 7]])
+    b = torch.tensor([[3, 4, 5, 6, 40]])  # only the last item differs
+    with torch.no_grad():
+        ha, hb = model.encode(a), model.encode(b)
+        long = torch.randint(1, 51, (2, 30))
+        truncated_equal = torch.allclose(model(long), model(long[:, -12:]), atol=1e-5)
+    assert torch.allclose(ha[:, :4], hb[:, :4], atol=1e-6)  # earlier positions never see it
+    assert not torch.allclose(ha[:, 4], hb[:, 4])
+    assert truncated_equal  # only the most recent max_len items count
+
+
+def test_chunked_loss_equals_full_cross_entropy() -> None:
+    torch.manual_seed(0)
+    hidden = torch.randn(300, 8, requires_grad=True)
+    weight = torch.randn(40, 8, requires_grad=True)
+    targets = torch.randint(0, 40, (300,))
+    loss = full_softmax_ce(hidden, weight, targets, chunk_rows=64)
+    loss.backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    reference = F.cross_entropy(hidden @ weight.T, targets)
+    reference.backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert torch.allclose(grads[0], hidden.grad, atol=1e-6)
+    assert torch.allclose(grads[1], weight.grad, atol=1e-6)
+
+
+def test_fast_dropout_rate_and_scale() -> None:
+    drop = FastDropout(0.25)
+    x = torch.ones(200_000)
+    drop.train()
+    y = drop(x)
+    assert (y == 0).float().mean().item() == pytest.approx(0.25, abs=0.01)
+    assert y.mean().item() == pytest.approx(1.0, abs=0.02)
+    drop.eval()
+    assert torch.equal(drop(x), x)
+
+
+def test_length_buckets_cover_every_example_once() -> None:
+    lengths = np.random.default_rng(0).integers(1, 100, size=1000)
+    batches = list(length_bucketed_batches(lengths, 32, np.random.default_rng(1), 5))
+    seen = np.concatenate(batches)
+    assert sorted(seen.tolist()) == list(range(1000))
+    spread = np.mean([np.ptp(lengths[b]) for b in batches])
+    assert spread < 0.5 * np.ptp(lengths)  # batches hold similar lengths
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValidationError, match="not divisible"):
+        ModelConfig(n_items=10, hidden=30, n_heads=4)
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        ModelConfig(n_items=10, hiden=32)  # type: ignore[call-arg]
+    with pytest.raises(ValidationError):
+        TrainConfig(lr=0)
+
+
+def test_checkpoint_round_trip_and_refusals(tmp_path: Path) -> None:
+    model = small_model(tied=False)
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, model)
+    loaded = load_checkpoint(path)
+    assert loaded.cfg == model.cfg
+    seq = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(loaded(seq), model(seq))
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="not a usable model checkpoint"):
+        load_checkpoint(path)
+
+    class Evil:
+        def __reduce__(self):  # would run code if unpickled without weights_only
+            return (Path.touch, (tmp_path / "pwned",))
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"format": "recsys-sasrec/1", "x": Evil()}))
+    with pytest.raises(ValueError):
+        load_checkpoint(evil)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_training_learns_sequential_structure() -> None:
+    data = synthetic_dataset(SyntheticConfig(users=800, items=120, max_len=25, seed=1))
+    split = leave_one_out(data)
+    cfg = ModelConfig(n_items=data.n_items, max_len=25, hidden=32, n_heads=2, dropout=0.1)
+    result = train(
+        cfg,
+        TrainConfig(max_epochs=12, lr=5e-3, patience=3, seed=0),
+        split,
+        progress=False,
+        log=lambda _: None,
+    )
+    model_ndcg = evaluate_model(result.model, split, "test")["ndcg@10"]
+    popularity_ndcg = evaluate_popularity(split, "test")["ndcg@10"]
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    assert model_ndcg > 2 * popularity_ndcg, (model_ndcg, popularity_ndcg)
