@@ -71,7 +71,7 @@ def test_sequence_file_empty_missing_and_binary(tmp_path: Path) -> None:
 def test_load_dataset_dispatch_and_unknown_format(tmp_path: Path) -> None:
     assert load_dataset(write(tmp_path, "1 1 2 3\n")).n_items == 3
     assert load_dataset("synthetic:users=20,items=30,max_len=10").n_users == 20
-    with pytest.raises(DataError, match="unknown data format '.xlsx'"):
+    with pytest.raises(DataError, match=r"unknown data format '\.xlsx'"):
         load_dataset(tmp_path / "x.xlsx")
     with pytest.raises(DataError, match="users"):
         load_dataset("synthetic:users=-1")

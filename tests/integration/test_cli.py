@@ -1,0 +1,95 @@
+"""The `recsys` command end to end, in process: exit codes, one-line errors, store round trip."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from recsys_cli.main import main
+
+TINY = "synthetic:users=120,items=40,max_len=10,min_len=4"
+
+
+def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str):
+    monkeypatch.setattr(sys, "argv", ["recsys", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["train", "--hidden", "abc"], "Invalid value for '--hidden'"),
+        (["train", "--hidden", "30", "--n-heads", "4"], "not divisible"),
+        (["train", "--recipe", "missing.toml"], "recipe not found"),
+        (["train", "--data", "nowhere.txt"], "no such file"),
+        (["train", "--data", "synthetic:users=zero"], "users"),
+        (["bogus"], "No such command"),
+        (["evaluate", "x", "--stage", "train"], "--stage must be 'test' or 'valid'"),
+        (["store", "show", "a@b"], "malformed model reference"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(monkeypatch, capsys, tmp_path, args, expected) -> None:
+    monkeypatch.setenv("RECSYS_STORE", str(tmp_path / "store"))
+    code, _, err = run(monkeypatch, capsys, *args)
+    assert code == 2
+    assert expected in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_recipe_key_names_file_and_key(monkeypatch, capsys, tmp_path) -> None:
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[model]\nhiden = 32\n")
+    code, _, err = run(monkeypatch, capsys, "train", "--recipe", str(recipe))
+    assert code == 2 and str(recipe) in err and "hiden" in err
+
+
+def test_train_store_evaluate_round_trip(monkeypatch, capsys, tmp_path) -> None:
+    store = str(tmp_path / "store")
+    args = ["--store", store]
+    code, out, err = run(
+        monkeypatch,
+        capsys,
+        "train",
+        "--data",
+        TINY,
+        "--name",
+        "tiny",
+        "--hidden",
+        "8",
+        "--max-len",
+        "10",
+        "--max-epochs",
+        "2",
+        "--no-progress",
+        *args,
+    )
+    assert code == 0, err
+    assert "popularity" in out and "tiny@1" in out
+    code, out, _ = run(monkeypatch, capsys, "store", "list", *args)
+    assert code == 0 and "tiny@1" in out and "teacher" in out
+    code, out, _ = run(monkeypatch, capsys, "store", "show", "tiny@latest", *args)
+    manifest = json.loads(out)
+    assert manifest["kind"] == "teacher" and manifest["architecture"]["hidden"] == 8
+    assert {"model.pt", "items.json"} <= set(manifest["artifacts"])
+    assert manifest["metrics"]["test_ndcg@10"] >= 0 and manifest["dataset"]["n_items"] == 40
+    code, out, err = run(monkeypatch, capsys, "evaluate", "tiny", *args)
+    assert code == 0, err
+    assert f"{manifest['metrics']['test_ndcg@10']:.4f}" in out  # same numbers as at publish
+
+    # data that is not what the model was trained on is refused: item ids would not line up
+    other = TINY.replace("users=120", "users=121")
+    code, _, err = run(monkeypatch, capsys, "evaluate", "tiny", "--data", other, *args)
+    assert code == 2 and "differs from the data" in err
+    # a tampered artifact is refused with one line naming it
+    (Path(store) / "tiny" / "1" / "model.pt").write_bytes(b"garbage")
+    code, _, err = run(monkeypatch, capsys, "evaluate", "tiny@1", *args)
+    assert code == 2 and "model.pt" in err and err.count("\n") == 1
