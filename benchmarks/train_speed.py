@@ -57,16 +57,23 @@ MODES: dict[str, dict[str, object]] = {
     "bf16, full logits, nn.Dropout": {"loss": plain_ce, "bf16": True, "fast_drop": False},
     "bf16, chunked CE, nn.Dropout": {"loss": chunked_ce, "bf16": True, "fast_drop": False},
     "bf16, chunked CE, fast dropout (default)": {
-        "loss": chunked_ce, "bf16": True, "fast_drop": True
+        "loss": chunked_ce,
+        "bf16": True,
+        "fast_drop": True,
     },
     "default + torch.compile": {
-        "loss": chunked_ce, "bf16": True, "fast_drop": True, "compile": True
+        "loss": chunked_ce,
+        "bf16": True,
+        "fast_drop": True,
+        "compile": True,
     },
 }
 
 
 def time_mode(
-    cfg: ModelConfig, mode: dict[str, object], batches: list[tuple[torch.Tensor, torch.Tensor]],
+    cfg: ModelConfig,
+    mode: dict[str, object],
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
     reps: int,
 ) -> list[float]:
     torch.manual_seed(0)
@@ -117,8 +124,15 @@ def main() -> None:
         for b in picked
     ]
     share = sum(int(lengths[b].sum()) for b in picked) / int(lengths.sum())
-    cfg = ModelConfig(n_items=data.n_items, max_len=args.max_len, hidden=args.hidden,
-                      n_blocks=2, n_heads=2, ffn=2 * args.hidden, dropout=0.2)
+    cfg = ModelConfig(
+        n_items=data.n_items,
+        max_len=args.max_len,
+        hidden=args.hidden,
+        n_blocks=2,
+        n_heads=2,
+        ffn=2 * args.hidden,
+        dropout=0.2,
+    )
     names = list(MODES)
     if args.modes != "all":
         names = [names[int(i)] for i in args.modes.split(",")]
@@ -126,8 +140,9 @@ def main() -> None:
     for name in names:
         times = time_mode(cfg, MODES[name], batches, args.reps)
         median = statistics.median(times)
-        rows.append({"mode": name, "median_s": median, "times_s": times,
-                     "epoch_s_estimate": median / share})
+        rows.append(
+            {"mode": name, "median_s": median, "times_s": times, "epoch_s_estimate": median / share}
+        )
         print(f"{name:45s} {median:7.2f} s  ~{median / share:6.1f} s/epoch", flush=True)
     base = rows[0]["median_s"]
     for row in rows:
@@ -157,8 +172,10 @@ def main() -> None:
         "| mode | s per epoch (est.) | speed-up vs first row |",
         "|---|---|---|",
     ]
-    lines += [f"| {r['mode']} | {r['epoch_s_estimate']:.1f} | {r['speedup_vs_first']:.2f}x |"
-              for r in rows]
+    lines += [
+        f"| {r['mode']} | {r['epoch_s_estimate']:.1f} | {r['speedup_vs_first']:.2f}x |"
+        for r in rows
+    ]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 

@@ -10,13 +10,14 @@ Loaders for raw event logs live in `compression.events`, the synthetic generator
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from model_store.store import sha256_file
 
 
 class DataError(ValueError):
@@ -89,14 +90,6 @@ def read_item_mapping(path: Path) -> list[str]:
     return [str(i) for i in ids]
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def remap_items(
     name: str, users: list[str], raw_sequences: list[list[str]], sha256: str, numeric: bool
 ) -> SequenceDataset:
@@ -148,7 +141,7 @@ def load_sequence_file(path: Path, name: str | None = None) -> SequenceDataset:
             raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     if not raw:
         raise DataError(f"{path}: no sequences found; the file is empty")
-    return remap_items(name or path.stem, users, raw, file_sha256(path), numeric=True)
+    return remap_items(name or path.stem, users, raw, sha256_file(path), numeric=True)
 
 
 @dataclass(frozen=True)

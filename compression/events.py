@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
-from compression.data import DataError, SequenceDataset, file_sha256, remap_items
+from compression.data import DataError, SequenceDataset, remap_items
+from model_store.store import sha256_file
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -650,7 +651,7 @@ def _assemble(
     users = [events.user_names[u] for u in users_sorted[starts].tolist()]
     used = np.unique(icodes[idx]).tolist()
     numeric = all(events.item_names[c].isascii() and events.item_names[c].isdigit() for c in used)
-    return remap_items(name, users, raw_sequences, file_sha256(path), numeric=numeric)
+    return remap_items(name, users, raw_sequences, sha256_file(path), numeric=numeric)
 
 
 def _emptied(path: Path, option: str, value: int, rounds: int) -> NoReturn:

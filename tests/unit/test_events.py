@@ -12,11 +12,11 @@ import pytest
 from compression.data import (
     DataError,
     SequenceDataset,
-    file_sha256,
     load_dataset,
     read_item_mapping,
 )
 from compression.events import load_event_file
+from model_store.store import sha256_file
 
 
 def write(tmp_path: Path, name: str, text: str, encoding: str = "utf-8") -> Path:
@@ -42,7 +42,7 @@ def test_movielens_dat(tmp_path: Path) -> None:
     )
     data = load_event_file(path)
     assert data.name == "ratings"
-    assert data.sha256 == file_sha256(path)
+    assert data.sha256 == sha256_file(path)
     assert data.user_ids == ["1", "2"]
     assert data.item_ids == ["2", "9", "10"]  # numeric order, not string order
     assert original(data) == {"1": ["9", "2", "10"], "2": ["10"]}
@@ -121,7 +121,7 @@ def test_parquet(tmp_path: Path) -> None:
     assert data.user_ids == ["u2", "u1"]
     assert data.item_ids == ["5", "6", "7"]
     assert original(data) == {"u2": ["6", "5"], "u1": ["7", "5"]}
-    assert data.sha256 == file_sha256(path)
+    assert data.sha256 == sha256_file(path)
 
 
 def test_parquet_string_and_numeric_timestamps(tmp_path: Path) -> None:
