@@ -47,6 +47,7 @@ class TrainConfig(_Strict):
     time_limit_s: float | None = Field(None, gt=0.0, description="stop after this wall time")
     threads: int | None = Field(None, ge=1, description="torch threads; None = all cores")
     eval_batch_size: int = Field(512, ge=1)
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="torch device")
 
 
 class DataSpec(_Strict):

@@ -87,9 +87,11 @@ def torch_scorer(model: object) -> Scorer:
     """Wrap a PyTorch model (eval mode, no gradients) as a numpy scorer."""
     import torch
 
+    device = next(model.parameters()).device  # type: ignore[attr-defined]
+
     def score(batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return model(torch.from_numpy(batch)).float().numpy()  # type: ignore[operator]
+            return model(torch.from_numpy(batch).to(device)).float().cpu().numpy()  # type: ignore[operator]
 
     return score
 

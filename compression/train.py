@@ -120,7 +120,10 @@ def train(
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)
     rng = seed_everything(train_cfg.seed)
-    model = SASRec(model_cfg)
+    device = torch.device(train_cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={train_cfg.device!r} but torch sees no CUDA GPU; use 'cpu'")
+    model = SASRec(model_cfg).to(device)
     loss_fn = loss_fn or sasrec_loss(train_cfg.loss_chunk_rows)
     inputs, targets = training_pairs(split.train, model_cfg.max_len)
     if not inputs:
@@ -141,9 +144,9 @@ def train(
         batches = list(length_bucketed_batches(lengths, train_cfg.batch_size, rng))
         bar = tqdm(batches, desc=f"epoch {epoch}", disable=not progress, leave=False)
         for idx in bar:
-            x = torch.from_numpy(pad_left([inputs[i] for i in idx], model_cfg.max_len))
-            y = torch.from_numpy(pad_left([targets[i] for i in idx], model_cfg.max_len))
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=train_cfg.bf16):
+            x = torch.from_numpy(pad_left([inputs[i] for i in idx], model_cfg.max_len)).to(device)
+            y = torch.from_numpy(pad_left([targets[i] for i in idx], model_cfg.max_len)).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=train_cfg.bf16):
                 loss = loss_fn(model, x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -181,7 +184,7 @@ def train(
             stopped_by = "time_limit"
             break
     model.load_state_dict(best_state)
-    model.eval()
+    model.to("cpu").eval()
     return TrainResult(
         model=model,
         best_epoch=best_epoch,

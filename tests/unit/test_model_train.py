@@ -96,6 +96,33 @@ def test_config_validation() -> None:
         ModelConfig(n_items=10, hiden=32)  # type: ignore[call-arg]
     with pytest.raises(ValidationError):
         TrainConfig(lr=0)
+    with pytest.raises(ValidationError, match="device"):
+        TrainConfig(device="tpu")
+
+
+def tiny_split():
+    data = synthetic_dataset(SyntheticConfig(users=60, items=30, max_len=10, min_len=4))
+    return data, leave_one_out(data)
+
+
+def test_cuda_requested_without_gpu_is_a_clear_error() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    data, split = tiny_split()
+    cfg = ModelConfig(n_items=data.n_items, max_len=10, hidden=8)
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        train(cfg, TrainConfig(max_epochs=1, device="cuda"), split, progress=False)
+
+
+@pytest.mark.gpu
+def test_training_on_gpu_matches_cpu_quality_shape() -> None:
+    data, split = tiny_split()
+    cfg = ModelConfig(n_items=data.n_items, max_len=10, hidden=8)
+    result = train(
+        cfg, TrainConfig(max_epochs=2, device="cuda"), split, progress=False, log=lambda _: None
+    )
+    assert next(result.model.parameters()).device.type == "cpu"
+    assert np.isfinite(result.history[-1]["loss"])
 
 
 def test_checkpoint_round_trip_and_refusals(tmp_path: Path) -> None:
