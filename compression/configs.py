@@ -20,6 +20,12 @@ class ModelConfig(_Strict):
     ffn: int | None = Field(None, ge=4, description="feed-forward width; None = hidden")
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     tied: bool = Field(True, description="score against the input item embeddings")
+    emb_dim: int | None = Field(
+        None,
+        ge=2,
+        description="item embedding size; None = hidden. Smaller values factorize "
+        "the embedding/output matrix (the bulk of the parameters) through a projection",
+    )
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> ModelConfig:

@@ -80,26 +80,36 @@ class SASRec(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.hidden, padding_idx=0)
+        emb = cfg.emb_dim or cfg.hidden
+        self.item_emb = nn.Embedding(cfg.n_items + 1, emb, padding_idx=0)
+        factorized = emb != cfg.hidden
+        # Low-rank item matrix: project e -> hidden on the way in, hidden -> e on the way out.
+        self.in_proj = nn.Linear(emb, cfg.hidden, bias=False) if factorized else None
+        self.out_proj = nn.Linear(cfg.hidden, emb, bias=False) if factorized else None
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden)
         self.emb_drop = FastDropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_blocks))
         self.final_ln = nn.LayerNorm(cfg.hidden)
-        self.out_emb = None if cfg.tied else nn.Embedding(cfg.n_items + 1, cfg.hidden)
+        self.out_emb = None if cfg.tied else nn.Embedding(cfg.n_items + 1, emb)
         self.apply(self._init)
 
     @staticmethod
     def _init(module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=0.02)
-            nn.init.zeros_(module.bias)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
 
     @property
     def output_weight(self) -> Tensor:
-        """`[n_items + 1, hidden]`: row i scores internal item i (row 0 is padding)."""
+        """`[n_items + 1, emb]`: row i scores internal item i (row 0 is padding)."""
         return self.item_emb.weight if self.out_emb is None else self.out_emb.weight
+
+    def query(self, hidden: Tensor) -> Tensor:
+        """Map hidden states to the space of `output_weight` (identity unless factorized)."""
+        return hidden if self.out_proj is None else self.out_proj(hidden)
 
     def encode(self, seq: Tensor) -> Tensor:
         """Hidden state at every position, `[batch, length, hidden]` (padding rows are 0)."""
@@ -107,7 +117,10 @@ class SASRec(nn.Module):
         length = seq.shape[1]
         valid = seq > 0
         positions = torch.arange(length - 1, -1, -1, device=seq.device)
-        x = self.item_emb(seq) * math.sqrt(self.cfg.hidden) + self.pos_emb(positions)
+        x = self.item_emb(seq)
+        if self.in_proj is not None:
+            x = self.in_proj(x)
+        x = x * math.sqrt(self.cfg.hidden) + self.pos_emb(positions)
         x = torch.where(valid.unsqueeze(-1), self.emb_drop(x), 0.0)
         # Causal, and padding keys hidden; the diagonal stays open so that padding queries
         # still have one key (their outputs are discarded) instead of producing NaN.
@@ -120,7 +133,7 @@ class SASRec(nn.Module):
 
     def forward(self, seq: Tensor) -> Tensor:
         """Scores of every item after the last position, `[batch, n_items + 1]`."""
-        last = self.encode(seq)[:, -1, :]
+        last = self.query(self.encode(seq)[:, -1, :])
         return last @ self.output_weight.T
 
     def num_parameters(self) -> int:

@@ -95,6 +95,7 @@ class TrainResult:
 
 
 LossFn = Callable[[SASRec, Tensor, Tensor], Tensor]
+EvalHook = Callable[[int, dict[str, float]], None]
 
 
 def sasrec_loss(chunk_rows: int) -> LossFn:
@@ -102,7 +103,7 @@ def sasrec_loss(chunk_rows: int) -> LossFn:
         hidden = model.encode(inputs)
         valid = targets > 0
         return full_softmax_ce(
-            hidden[valid], model.output_weight[1:], targets[valid] - 1, chunk_rows
+            model.query(hidden[valid]), model.output_weight[1:], targets[valid] - 1, chunk_rows
         )
 
     return loss
@@ -115,8 +116,15 @@ def train(
     loss_fn: LossFn | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    on_eval: EvalHook | None = None,
+    input_len: int | None = None,
 ) -> TrainResult:
-    """Train from scratch; return the model with the best validation NDCG@10."""
+    """Train from scratch; return the model with the best validation NDCG@10.
+
+    `loss_fn(model, inputs, targets)` replaces the label cross-entropy (distillation);
+    `on_eval(epoch, valid_metrics)` runs after every validation (adaptive schedules);
+    `input_len` feeds longer windows than the model reads (a teacher may need them).
+    """
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)
     rng = seed_everything(train_cfg.seed)
@@ -125,7 +133,7 @@ def train(
         raise ValueError(f"device={train_cfg.device!r} but torch sees no CUDA GPU; use 'cpu'")
     model = SASRec(model_cfg).to(device)
     loss_fn = loss_fn or sasrec_loss(train_cfg.loss_chunk_rows)
-    inputs, targets = training_pairs(split.train, model_cfg.max_len)
+    inputs, targets = training_pairs(split.train, input_len or model_cfg.max_len)
     if not inputs:
         raise ValueError("no user has 2+ training items; nothing to train on")
     lengths = np.array([len(x) for x in inputs])
@@ -144,8 +152,9 @@ def train(
         batches = list(length_bucketed_batches(lengths, train_cfg.batch_size, rng))
         bar = tqdm(batches, desc=f"epoch {epoch}", disable=not progress, leave=False)
         for idx in bar:
-            x = torch.from_numpy(pad_left([inputs[i] for i in idx], model_cfg.max_len)).to(device)
-            y = torch.from_numpy(pad_left([targets[i] for i in idx], model_cfg.max_len)).to(device)
+            width = input_len or model_cfg.max_len
+            x = torch.from_numpy(pad_left([inputs[i] for i in idx], width)).to(device)
+            y = torch.from_numpy(pad_left([targets[i] for i in idx], width)).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=train_cfg.bf16):
                 loss = loss_fn(model, x, y)
             optimizer.zero_grad(set_to_none=True)
@@ -165,6 +174,8 @@ def train(
         if epoch % train_cfg.eval_every == 0 or epoch == train_cfg.max_epochs:
             valid = evaluate_model(model, split, "valid", train_cfg.eval_batch_size)
             record.update({f"valid_{k}": v for k, v in valid.items() if k != "users"})
+            if on_eval is not None:
+                on_eval(epoch, valid)
             if valid["ndcg@10"] > best_ndcg:
                 best_ndcg, best_epoch, best_valid, bad_evals = valid["ndcg@10"], epoch, valid, 0
                 best_state = copy.deepcopy(model.state_dict())

@@ -1,0 +1,186 @@
+"""Knowledge distillation from a SASRec teacher into a smaller SASRec student.
+
+Per student position i (every position, the whole catalogue unless `top_k` is set):
+
+    L_i = w_i * [ alpha * T^2 * KL(softmax(z_t/T) || softmax(z_s/T))
+                  + (1 - alpha) * mean_j (y_s,j - y_t,j)^2 ]
+          + u_i * CE(z_s, label_i)
+
+    L = mean_i L_i
+
+`y` are logits (`l2_target="logits"`) or probabilities at T = 1 (`"probs"`); the squared
+error is averaged over the items so its scale does not grow with the catalogue. With the
+`fixed` strategy w_i = 1 and u_i = beta, which for beta = 0 is exactly the design formula
+alpha*KL + (1-alpha)*L2.
+
+Adaptive strategies (`DistillConfig.strategy`):
+
+- `reliability`: per-position trust in the teacher. With r_i the teacher's 0-based rank of
+  the true next item among all items, w_i = 1 / log2(2 + r_i) (1 when the teacher ranks it
+  first, 0.5 at rank 2, ~0.1 at rank 1000) and the weight it loses goes to the labels:
+  u_i = beta + (1 - w_i). Where the teacher is wrong, the student learns from the data.
+- `plateau`: a schedule driven by the student's validation NDCG@10. When it has not improved
+  for `plateau_patience` evaluations, `alpha_step` of the teacher weight moves to the labels
+  (the teacher multiplier m drops by `alpha_step`, floored at `min_teacher_weight`, and
+  u = beta + (1 - m)). When the student reaches `near_teacher_ratio` of the teacher's
+  validation NDCG@10, T is multiplied by `temperature_decay` (floored at 1): sharper targets
+  to close the last gap. Both rules act at most once per evaluation.
+
+`top_k`: the teacher's K best items per position become the soft targets (renormalized over
+those K for teacher and student alike), so memory per position is bounded by K; the
+label term still uses the full catalogue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from compression.model import SASRec
+
+
+class DistillConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="KL weight; 1 - alpha goes to L2")
+    temperature: float = Field(2.0, gt=0.0)
+    beta: float = Field(0.0, ge=0.0, description="hard-label cross-entropy weight")
+    l2_target: Literal["logits", "probs"] = "logits"
+    top_k: int | None = Field(None, ge=1, description="teacher top-K soft targets only")
+    strategy: Literal["fixed", "reliability", "plateau"] = "fixed"
+    plateau_patience: int = Field(2, ge=1)
+    alpha_step: float = Field(0.25, gt=0.0, le=1.0)
+    min_teacher_weight: float = Field(0.0, ge=0.0, le=1.0)
+    near_teacher_ratio: float = Field(0.97, gt=0.0, le=1.0)
+    temperature_decay: float = Field(0.5, gt=0.0, le=1.0)
+    chunk_rows: int = Field(1024, ge=16)
+
+
+def distill_terms(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    temperature: float,
+    l2_target: str = "logits",
+    top_k: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-position (KL * T^2, L2, CE, teacher rank of the label); logits are `[n, items]`."""
+    s = student_logits.float()
+    t = teacher_logits.float()
+    ce = F.cross_entropy(s, labels, reduction="none")
+    label_score = t.gather(1, labels[:, None])
+    rank = (t > label_score).sum(dim=1)
+    if top_k is not None and top_k < t.shape[1]:
+        top = t.topk(top_k, dim=1).indices
+        s, t = s.gather(1, top), t.gather(1, top)
+    log_ps = F.log_softmax(s / temperature, dim=1)
+    log_pt = F.log_softmax(t / temperature, dim=1)
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum(dim=1) * temperature**2
+    if l2_target == "probs":
+        l2 = (F.softmax(s, dim=1) - F.softmax(t, dim=1)).pow(2).mean(dim=1)
+    else:
+        l2 = (s - t).pow(2).mean(dim=1)
+    return kl, l2, ce, rank
+
+
+def reliability_weight(rank: Tensor) -> Tensor:
+    """Trust in the teacher at a position: 1 / log2(2 + rank of the true item)."""
+    return 1.0 / torch.log2(rank.float() + 2.0)
+
+
+@dataclass
+class DistillState:
+    """What the adaptive schedule may change during training."""
+
+    temperature: float
+    teacher_weight: float = 1.0
+    best_ndcg: float = -1.0
+    stalled: int = 0
+    events: list[str] = field(default_factory=list)
+
+
+class DistillLoss:
+    """Callable `(student, inputs, targets) -> loss` for `compression.train.train`."""
+
+    def __init__(self, cfg: DistillConfig, teacher: SASRec, teacher_valid_ndcg: float) -> None:
+        self.cfg = cfg
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.teacher_valid_ndcg = teacher_valid_ndcg
+        self.state = DistillState(temperature=cfg.temperature)
+
+    def combine(self, kl: Tensor, l2: Tensor, ce: Tensor, rank: Tensor) -> Tensor:
+        """Sum over positions of the weighted per-position loss (see module docstring)."""
+        cfg, m = self.cfg, self.state.teacher_weight
+        teacher_part = cfg.alpha * kl + (1.0 - cfg.alpha) * l2
+        if cfg.strategy == "reliability":
+            w = reliability_weight(rank)
+            return (w * teacher_part + (cfg.beta + (1.0 - w)) * ce).sum()
+        return (m * teacher_part + (cfg.beta + (1.0 - m)) * ce).sum()
+
+    def _chunk(
+        self, s_query: Tensor, s_weight: Tensor, t_query: Tensor, labels: Tensor, t_weight: Tensor
+    ) -> Tensor:
+        s_logits = s_query @ s_weight.T
+        with torch.no_grad():
+            t_logits = t_query @ t_weight.T
+        terms = distill_terms(
+            s_logits, t_logits, labels, self.state.temperature, self.cfg.l2_target, self.cfg.top_k
+        )
+        return self.combine(*terms)
+
+    def __call__(self, student: SASRec, inputs: Tensor, targets: Tensor) -> Tensor:
+        width = student.cfg.max_len
+        with torch.no_grad():
+            t_hidden = self.teacher.encode(inputs)[:, -width:]
+        s_hidden = student.encode(inputs[:, -width:])
+        y = targets[:, -width:]
+        valid = y > 0
+        s_query = student.query(s_hidden[valid])
+        t_query = self.teacher.query(t_hidden[valid])
+        labels = y[valid] - 1
+        s_weight, t_weight = student.output_weight[1:], self.teacher.output_weight[1:]
+        total = s_query.new_zeros((), dtype=torch.float32)
+        rows = self.cfg.chunk_rows
+        for start in range(0, s_query.shape[0], rows):
+            sl = slice(start, start + rows)
+            total = total + checkpoint(
+                self._chunk,
+                s_query[sl],
+                s_weight,
+                t_query[sl],
+                labels[sl],
+                t_weight,
+                use_reentrant=False,
+            )
+        return total / max(s_query.shape[0], 1)
+
+    def on_eval(self, epoch: int, valid: dict[str, float]) -> None:
+        """The `plateau` schedule; a no-op for the other strategies."""
+        if self.cfg.strategy != "plateau":
+            return
+        state, cfg = self.state, self.cfg
+        ndcg = valid["ndcg@10"]
+        if ndcg > state.best_ndcg:
+            state.best_ndcg, state.stalled = ndcg, 0
+        else:
+            state.stalled += 1
+        if state.stalled >= cfg.plateau_patience and state.teacher_weight > cfg.min_teacher_weight:
+            state.teacher_weight = max(
+                cfg.min_teacher_weight, state.teacher_weight - cfg.alpha_step
+            )
+            state.stalled = 0
+            state.events.append(
+                f"epoch {epoch}: stalled, teacher weight -> {state.teacher_weight:.2f}"
+            )
+        near = self.teacher_valid_ndcg * cfg.near_teacher_ratio
+        if ndcg >= near and state.temperature > 1.0:
+            state.temperature = max(1.0, state.temperature * cfg.temperature_decay)
+            state.events.append(f"epoch {epoch}: near teacher, T -> {state.temperature:.2f}")

@@ -1,0 +1,138 @@
+"""Distillation loss against the formula, its limits, and each adaptive rule."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from compression.configs import ModelConfig
+from compression.distill import DistillConfig, DistillLoss, distill_terms, reliability_weight
+from compression.model import SASRec
+
+S = torch.tensor([[1.0, 0.0, -1.0], [0.5, 2.0, 0.0]])
+T = torch.tensor([[2.0, 0.5, 0.0], [0.0, 1.0, 3.0]])
+LABELS = torch.tensor([0, 2])
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def by_hand(temperature: float) -> tuple[list[float], list[float], list[float]]:
+    kl, l2, ce = [], [], []
+    for s, t, y in zip(S.double().numpy(), T.double().numpy(), LABELS.numpy(), strict=True):
+        pt, ps = softmax(t / temperature), softmax(s / temperature)
+        kl.append(float((pt * np.log(pt / ps)).sum()) * temperature**2)
+        l2.append(float(((s - t) ** 2).mean()))
+        ce.append(float(-np.log(softmax(s)[y])))
+    return kl, l2, ce
+
+
+def test_terms_equal_hand_computed_formula() -> None:
+    kl, l2, ce, rank = distill_terms(S, T, LABELS, temperature=2.0)
+    hand_kl, hand_l2, hand_ce = by_hand(2.0)
+    assert kl.tolist() == pytest.approx(hand_kl, rel=1e-4)
+    assert l2.tolist() == pytest.approx(hand_l2, rel=1e-6)
+    assert ce.tolist() == pytest.approx(hand_ce, rel=1e-6)
+    assert rank.tolist() == [0, 0]  # the teacher ranks both labels first
+
+
+def test_probability_l2_and_temperature_squared_scaling() -> None:
+    _, l2, _, _ = distill_terms(S, T, LABELS, temperature=1.0, l2_target="probs")
+    hand = [
+        float(((softmax(s) - softmax(t)) ** 2).mean())
+        for s, t in zip(S.numpy(), T.numpy(), strict=True)
+    ]
+    assert l2.tolist() == pytest.approx(hand, rel=1e-4)
+    kl4, *_ = distill_terms(S, T, LABELS, temperature=4.0)
+    plain = [k / 16 for k in by_hand(4.0)[0]]  # KL of the softened distributions
+    assert (kl4 / 16).tolist() == pytest.approx(plain, rel=1e-4)
+    # T^2 keeps gradient magnitudes comparable across temperatures
+    grads = []
+    for temp in (1.0, 8.0):
+        s = S.clone().requires_grad_(True)
+        distill_terms(s, T, LABELS, temperature=temp)[0].sum().backward()
+        grads.append(s.grad.abs().sum().item())
+    assert 0.2 < grads[1] / grads[0] < 5.0
+
+
+def make_loss(cfg: DistillConfig, teacher_ndcg: float = 0.2) -> DistillLoss:
+    teacher = SASRec(ModelConfig(n_items=20, max_len=8, hidden=8))
+    return DistillLoss(cfg, teacher, teacher_valid_ndcg=teacher_ndcg)
+
+
+def loss_of(cfg: DistillConfig) -> float:
+    return float(make_loss(cfg).combine(*distill_terms(S, T, LABELS, cfg.temperature)))
+
+
+def test_alpha_limits_and_beta() -> None:
+    kl, l2, ce = (sum(x) for x in by_hand(2.0))
+    assert loss_of(DistillConfig(alpha=1.0, temperature=2.0)) == pytest.approx(kl, rel=1e-4)
+    assert loss_of(DistillConfig(alpha=0.0, temperature=2.0)) == pytest.approx(l2, rel=1e-4)
+    mixed = loss_of(DistillConfig(alpha=0.3, beta=0.5, temperature=2.0))
+    assert mixed == pytest.approx(0.3 * kl + 0.7 * l2 + 0.5 * ce, rel=1e-4)
+
+
+def test_identical_student_has_zero_teacher_loss() -> None:
+    kl, l2, _, _ = distill_terms(T, T, LABELS, temperature=3.0)
+    assert kl.abs().max() < 1e-6 and l2.abs().max() < 1e-9
+
+
+def test_top_k_restricts_soft_targets_to_teacher_best() -> None:
+    kl_full, *_ = distill_terms(S, T, LABELS, 1.0)
+    kl_top, _, ce_top, _ = distill_terms(S, T, LABELS, 1.0, top_k=2)
+    s0, t0 = S[0, [0, 1]].numpy(), T[0, [0, 1]].numpy()  # teacher's top-2 of row 0
+    pt, ps = softmax(t0), softmax(s0)
+    assert kl_top[0].item() == pytest.approx(float((pt * np.log(pt / ps)).sum()), rel=1e-4)
+    assert not torch.allclose(kl_top, kl_full)
+    assert ce_top.tolist() == pytest.approx(by_hand(1.0)[2], rel=1e-6)  # labels: full catalogue
+
+
+def test_reliability_trusts_teacher_less_where_it_ranks_the_label_poorly() -> None:
+    assert reliability_weight(torch.tensor([0, 2, 1022])).tolist() == pytest.approx([1.0, 0.5, 0.1])
+    cfg = DistillConfig(alpha=1.0, beta=0.0, temperature=1.0, strategy="reliability")
+    d = make_loss(cfg)
+    kl, l2, ce = torch.tensor([1.0, 1.0]), torch.tensor([0.0, 0.0]), torch.tensor([3.0, 3.0])
+    loss = d.combine(kl, l2, ce, torch.tensor([0, 2]))
+    # position 0: teacher right -> all teacher; position 1: rank 2 -> half teacher, half labels
+    assert float(loss) == pytest.approx(1.0 + (0.5 * 1.0 + 0.5 * 3.0))
+
+
+def test_plateau_schedule_moves_weight_to_labels_then_sharpens() -> None:
+    loss = make_loss(
+        DistillConfig(
+            strategy="plateau",
+            plateau_patience=2,
+            alpha_step=0.25,
+            temperature=4.0,
+            near_teacher_ratio=0.9,
+        )
+    )
+    for epoch, ndcg in enumerate([0.10, 0.12, 0.11, 0.115], start=1):
+        loss.on_eval(epoch, {"ndcg@10": ndcg})
+    assert loss.state.teacher_weight == pytest.approx(0.75)  # two stalls after the best
+    assert loss.state.temperature == 4.0
+    loss.on_eval(5, {"ndcg@10": 0.185})  # >= 0.9 * 0.2
+    assert loss.state.temperature == 2.0
+    assert any("T -> 2.00" in e for e in loss.state.events)
+    fixed = make_loss(DistillConfig(strategy="fixed", temperature=4.0))
+    for epoch in range(1, 6):
+        fixed.on_eval(epoch, {"ndcg@10": 0.19})
+    assert (fixed.state.teacher_weight, fixed.state.temperature) == (1.0, 4.0)
+
+
+def test_distill_loss_backpropagates_to_student_only() -> None:
+    torch.manual_seed(0)
+    loss = make_loss(DistillConfig(alpha=0.5, beta=0.1, chunk_rows=16))
+    student = SASRec(ModelConfig(n_items=20, max_len=4, hidden=8, emb_dim=4))
+    x = torch.randint(0, 21, (3, 8))
+    y = torch.randint(1, 21, (3, 8))
+    value = loss(student, x, y)
+    value.backward()
+    assert math.isfinite(value.item()) and value.item() > 0
+    assert student.item_emb.weight.grad is not None
+    assert all(p.grad is None for p in loss.teacher.parameters())
