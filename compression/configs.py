@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Literal, TypeVar
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 
 
 class _Strict(BaseModel):
@@ -20,6 +24,11 @@ class ModelConfig(_Strict):
     ffn: int | None = Field(None, ge=4, description="feed-forward width; None = hidden")
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     tied: bool = Field(True, description="score against the input item embeddings")
+    positions: Literal["from_start", "from_end"] = Field(
+        "from_start",
+        description="count positions from the oldest item read (consistent "
+        "between training and inference) or back from the newest (original SASRec)",
+    )
     emb_dim: int | None = Field(
         None,
         ge=2,
@@ -47,6 +56,14 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0.0)
     patience: int = Field(10, ge=1, description="evaluations without improvement before stop")
     eval_every: int = Field(1, ge=1, description="epochs between validation runs")
+    lr_decay_factor: float = Field(0.3, gt=0.0, lt=1.0)
+    lr_decay_patience: int = Field(
+        5,
+        ge=1,
+        description="evaluations without improvement before restoring the best "
+        "weights and multiplying lr by lr_decay_factor",
+    )
+    max_lr_decays: int = Field(0, ge=0, description="0 = constant lr, plain early stopping")
     seed: int = 0
     bf16: bool = Field(True, description="bf16 autocast on CPUs with AVX-512 BF16")
     loss_chunk_rows: int = Field(2048, ge=64, description="positions per cross-entropy chunk")
@@ -54,6 +71,23 @@ class TrainConfig(_Strict):
     threads: int | None = Field(None, ge=1, description="torch threads; None = all cores")
     eval_batch_size: int = Field(512, ge=1)
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="torch device")
+
+
+class DistillConfig(_Strict):
+    """Distillation loss and adaptive strategy; the rules are in `compression.distill`."""
+
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="KL weight; 1 - alpha goes to L2")
+    temperature: float = Field(2.0, gt=0.0)
+    beta: float = Field(0.0, ge=0.0, description="hard-label cross-entropy weight")
+    l2_target: Literal["logits", "probs"] = "logits"
+    top_k: int | None = Field(None, ge=1, description="teacher top-K soft targets only")
+    strategy: Literal["fixed", "reliability", "plateau"] = "fixed"
+    plateau_patience: int = Field(2, ge=1)
+    alpha_step: float = Field(0.25, gt=0.0, le=1.0)
+    min_teacher_weight: float = Field(0.0, ge=0.0, le=1.0)
+    near_teacher_ratio: float = Field(0.97, gt=0.0, le=1.0)
+    temperature_decay: float = Field(0.5, gt=0.0, le=1.0)
+    chunk_rows: int = Field(1024, ge=16)
 
 
 class DataSpec(_Strict):
@@ -68,16 +102,13 @@ class DataSpec(_Strict):
     min_item_count: int = Field(1, ge=1)
 
 
-class TeacherRecipe(_Strict):
-    """A teacher training job: data, model sizes (without `n_items`, taken from the data)."""
+class _ModelRecipe(_Strict):
+    """A recipe with model sizes but without `n_items`, which comes from the data."""
 
-    name: str = Field("teacher", pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
-    data: DataSpec = DataSpec()
     model: dict[str, int | float | bool | None] = Field(default_factory=dict)
-    train: TrainConfig = TrainConfig()
 
     @model_validator(mode="after")
-    def _model_fields_valid(self) -> TeacherRecipe:
+    def _model_fields_valid(self) -> _ModelRecipe:
         if "n_items" in self.model:
             raise ValueError("model.n_items comes from the data; remove it from the recipe")
         ModelConfig(n_items=1, **self.model)  # type: ignore[arg-type]
@@ -85,6 +116,27 @@ class TeacherRecipe(_Strict):
 
     def model_config_for(self, n_items: int) -> ModelConfig:
         return ModelConfig(n_items=n_items, **self.model)  # type: ignore[arg-type]
+
+
+class TeacherRecipe(_ModelRecipe):
+    """A teacher training job: data, model sizes, training."""
+
+    name: str = Field("teacher", pattern=NAME_PATTERN)
+    data: DataSpec = DataSpec()
+    train: TrainConfig = TrainConfig()
+
+
+class StudentRecipe(_ModelRecipe):
+    """A student trained from a stored teacher (`distill`) or, as the control, from labels only
+    (`distill = None`) with the same architecture and budget. Data comes from the teacher."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    teacher: str = Field(description="stored teacher: NAME, NAME@VERSION or NAME@latest")
+    train: TrainConfig = TrainConfig()
+    distill: DistillConfig | None = DistillConfig()
+
+
+R = TypeVar("R", bound=BaseModel)
 
 
 def validation_message(exc: ValidationError) -> str:
@@ -96,7 +148,7 @@ def validation_message(exc: ValidationError) -> str:
     return f"{where}: {msg}{more}"
 
 
-def load_recipe(path: str) -> TeacherRecipe:
+def load_recipe(path: str, kind: type[R] = TeacherRecipe) -> R:  # type: ignore[assignment]
     """Read a TOML recipe; any problem becomes one line naming the file and the key."""
     import tomllib
     from pathlib import Path
@@ -109,6 +161,6 @@ def load_recipe(path: str) -> TeacherRecipe:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(f"{file}: not a readable TOML recipe ({exc})") from None
     try:
-        return TeacherRecipe(**raw)
+        return kind(**raw)
     except ValidationError as exc:
         raise ValueError(f"{file}: {validation_message(exc)}") from None

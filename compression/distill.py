@@ -34,32 +34,14 @@ label term still uses the full catalogue.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from compression.configs import DistillConfig
 from compression.model import SASRec
-
-
-class DistillConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    alpha: float = Field(0.5, ge=0.0, le=1.0, description="KL weight; 1 - alpha goes to L2")
-    temperature: float = Field(2.0, gt=0.0)
-    beta: float = Field(0.0, ge=0.0, description="hard-label cross-entropy weight")
-    l2_target: Literal["logits", "probs"] = "logits"
-    top_k: int | None = Field(None, ge=1, description="teacher top-K soft targets only")
-    strategy: Literal["fixed", "reliability", "plateau"] = "fixed"
-    plateau_patience: int = Field(2, ge=1)
-    alpha_step: float = Field(0.25, gt=0.0, le=1.0)
-    min_teacher_weight: float = Field(0.0, ge=0.0, le=1.0)
-    near_teacher_ratio: float = Field(0.97, gt=0.0, le=1.0)
-    temperature_decay: float = Field(0.5, gt=0.0, le=1.0)
-    chunk_rows: int = Field(1024, ge=16)
 
 
 def distill_terms(

@@ -1,8 +1,11 @@
 """SASRec-style causal Transformer for next-item prediction.
 
 Inputs are internal item ids `[batch, length]`, left-padded with 0, oldest item first.
-Positions count back from the most recent item, so a history's encoding does not depend on
-how much padding its batch needed (the same convention as SASRec's fixed-length inputs).
+Positions count items from the start of the window (0 = oldest item the model reads), so
+padding never changes a history's encoding, and a training position that has seen t items
+looks exactly like an inference request with t items. (Counting back from the most recent
+item instead, as the original SASRec code does, makes only the last training position
+resemble inference; README reports what the choice is worth on ML-1M.)
 Masks use `torch.where` instead of multiplying by a float mask so the graph converts to FP16.
 """
 
@@ -116,7 +119,10 @@ class SASRec(nn.Module):
         seq = seq[:, -self.cfg.max_len :]
         length = seq.shape[1]
         valid = seq > 0
-        positions = torch.arange(length - 1, -1, -1, device=seq.device)
+        if self.cfg.positions == "from_start":
+            positions = (valid.cumsum(dim=1) - 1).clamp(min=0)
+        else:
+            positions = torch.arange(length - 1, -1, -1, device=seq.device)
         x = self.item_emb(seq)
         if self.in_proj is not None:
             x = self.in_proj(x)

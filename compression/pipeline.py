@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compression.configs import DataSpec, TeacherRecipe
+from compression.configs import DataSpec, StudentRecipe, TeacherRecipe
 from compression.data import SequenceDataset, Split, leave_one_out, load_dataset
 from compression.evaluate import evaluate_model, evaluate_popularity
 from model_store.manifest import DatasetInfo, Manifest
@@ -64,7 +64,9 @@ def prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
 
 
 @dataclass
-class TeacherReport:
+class TrainReport:
+    """What a training job measured and where it was published."""
+
     manifest: Manifest
     test: dict[str, float]
     valid: dict[str, float]
@@ -83,6 +85,66 @@ def signature(n_items: int) -> dict[str, Any]:
     }
 
 
+def evaluate_and_publish(
+    store: ModelStore,
+    name: str,
+    result: Any,
+    data: SequenceDataset,
+    split: Split,
+    *,
+    kind: str,
+    parent: str | None,
+    recipe: dict[str, Any],
+    wall_s: float,
+    extra_metrics: dict[str, float] | None = None,
+    eval_batch_size: int = 512,
+) -> TrainReport:
+    """Test-set and popularity evaluation, then an atomic publish with checkpoint + mapping."""
+    from compression.train import save_checkpoint
+
+    test = evaluate_model(result.model, split, "test", eval_batch_size)
+    popularity = evaluate_popularity(split, "test")
+    params = result.model.num_parameters()
+    metrics = {
+        **prefixed("test", test),
+        **prefixed("valid", result.best_valid),
+        **prefixed("popularity_test", popularity),
+        "params": float(params),
+        "epochs": float(result.epochs_run),
+        "best_epoch": float(result.best_epoch),
+        "train_wall_s": round(wall_s, 1),
+        **(extra_metrics or {}),
+    }
+    if metrics.get("teacher_test_ndcg@10"):
+        metrics["ndcg_retention"] = test["ndcg@10"] / metrics["teacher_test_ndcg@10"]
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt, items = Path(tmp) / "model.pt", Path(tmp) / "items.json"
+        save_checkpoint(ckpt, result.model, extra={"dataset_sha256": data.sha256})
+        data.save_item_mapping(items)
+        manifest = store.publish(
+            name,
+            {"model.pt": ckpt, "items.json": items},
+            kind=kind,
+            parent=parent,
+            architecture=result.model.cfg.model_dump(),
+            recipe={**recipe, "stopped_by": result.stopped_by},
+            dataset=dataset_info(data),
+            metrics=metrics,
+            signature=signature(data.n_items),
+        )
+    return TrainReport(
+        manifest=manifest,
+        test=test,
+        valid=result.best_valid,
+        popularity_test=popularity,
+        params=params,
+        epochs=result.epochs_run,
+        best_epoch=result.best_epoch,
+        wall_s=wall_s,
+        stopped_by=result.stopped_by,
+    )
+
+
 def train_teacher(
     recipe: TeacherRecipe,
     store: ModelStore,
@@ -90,9 +152,9 @@ def train_teacher(
     log: Callable[[str], None] = print,
     data: SequenceDataset | None = None,
     split: Split | None = None,
-) -> TeacherReport:
+) -> TrainReport:
     """Load data, train, evaluate (valid, test, popularity) and publish atomically."""
-    from compression.train import save_checkpoint, train
+    from compression.train import train
 
     tune_allocator()
     data = data or load_from_spec(recipe.data)
@@ -101,43 +163,87 @@ def train_teacher(
     log(f"data {json.dumps(data.summary())}")
     started = time.perf_counter()
     result = train(model_cfg, recipe.train, split, progress=progress, log=log)
-    wall_s = time.perf_counter() - started
-    test = evaluate_model(result.model, split, "test", recipe.train.eval_batch_size)
-    valid = result.best_valid
-    popularity = evaluate_popularity(split, "test")
-    params = result.model.num_parameters()
-    metrics = {
-        **prefixed("test", test),
-        **prefixed("valid", valid),
-        **prefixed("popularity_test", popularity),
-        "params": float(params),
-        "epochs": float(result.epochs_run),
-        "best_epoch": float(result.best_epoch),
-        "train_wall_s": round(wall_s, 1),
-    }
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt, items = Path(tmp) / "model.pt", Path(tmp) / "items.json"
-        save_checkpoint(ckpt, result.model, extra={"dataset_sha256": data.sha256})
-        data.save_item_mapping(items)
-        manifest = store.publish(
-            recipe.name,
-            {"model.pt": ckpt, "items.json": items},
-            kind="teacher",
-            parent=None,
-            architecture=model_cfg.model_dump(),
-            recipe={**recipe.model_dump(), "stopped_by": result.stopped_by},
-            dataset=dataset_info(data),
-            metrics=metrics,
-            signature=signature(data.n_items),
-        )
-    return TeacherReport(
-        manifest=manifest,
-        test=test,
-        valid=valid,
-        popularity_test=popularity,
-        params=params,
-        epochs=result.epochs_run,
-        best_epoch=result.best_epoch,
-        wall_s=wall_s,
-        stopped_by=result.stopped_by,
+    return evaluate_and_publish(
+        store,
+        recipe.name,
+        result,
+        data,
+        split,
+        kind="teacher",
+        parent=None,
+        recipe=recipe.model_dump(),
+        wall_s=time.perf_counter() - started,
+        eval_batch_size=recipe.train.eval_batch_size,
     )
+
+
+def distill_student(
+    recipe: StudentRecipe,
+    store: ModelStore,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> TrainReport:
+    """Train a student from a stored teacher on the teacher's own data, then publish it.
+
+    With `recipe.distill = None` the same student learns from labels only: the control that
+    distillation has to beat at equal architecture and budget.
+    """
+    from compression.distill import DistillLoss
+    from compression.train import load_checkpoint, train
+
+    tune_allocator()
+    teacher_manifest, folder = store.load(recipe.teacher)
+    parent = f"{teacher_manifest.name}@{teacher_manifest.version}"
+    if "model.pt" not in teacher_manifest.artifacts:
+        raise ValueError(f"{parent}: has no PyTorch checkpoint (model.pt) to distil from")
+    data = load_from_spec(DataSpec(**teacher_manifest.recipe.get("data", {})))
+    if data.sha256 != teacher_manifest.dataset.sha256:
+        raise ValueError(f"{parent}: its training data changed on disk (sha256 mismatch)")
+    split = leave_one_out(data)
+    teacher = load_checkpoint(folder / "model.pt")
+    student_cfg = recipe.model_config_for(data.n_items)
+    loss_fn, on_eval = None, None
+    if recipe.distill is not None:
+        teacher_ndcg = teacher_manifest.metrics.get("valid_ndcg@10", 0.0)
+        distill_loss = DistillLoss(recipe.distill, teacher, teacher_ndcg)
+        loss_fn, on_eval = distill_loss, distill_loss.on_eval
+    log(
+        f"student {student_cfg.model_dump()} from {parent}; "
+        f"{'labels only' if loss_fn is None else recipe.distill.strategy}"
+    )
+    started = time.perf_counter()
+    result = train(
+        student_cfg,
+        recipe.train,
+        split,
+        loss_fn=loss_fn,
+        progress=progress,
+        log=log,
+        on_eval=on_eval,
+        input_len=max(teacher.cfg.max_len, student_cfg.max_len),
+    )
+    wall_s = time.perf_counter() - started
+    teacher_params = teacher.num_parameters()
+    extra = {
+        "teacher_params": float(teacher_params),
+        "params_ratio": result.model.num_parameters() / teacher_params,
+    }
+    if "test_ndcg@10" in teacher_manifest.metrics:
+        extra["teacher_test_ndcg@10"] = teacher_manifest.metrics["test_ndcg@10"]
+    recipe_dump: dict[str, Any] = recipe.model_dump()
+    if recipe.distill is not None:
+        recipe_dump["schedule_events"] = distill_loss.state.events
+    report = evaluate_and_publish(
+        store,
+        recipe.name,
+        result,
+        data,
+        split,
+        kind="student" if recipe.distill is not None else "student-labels-only",
+        parent=parent,
+        recipe=recipe_dump,
+        wall_s=wall_s,
+        extra_metrics=extra,
+        eval_batch_size=recipe.train.eval_batch_size,
+    )
+    return report

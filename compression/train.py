@@ -100,7 +100,9 @@ EvalHook = Callable[[int, dict[str, float]], None]
 
 def sasrec_loss(chunk_rows: int) -> LossFn:
     def loss(model: SASRec, inputs: Tensor, targets: Tensor) -> Tensor:
-        hidden = model.encode(inputs)
+        width = model.cfg.max_len  # inputs may be wider than the model reads
+        hidden = model.encode(inputs[:, -width:])
+        targets = targets[:, -width:]
         valid = targets > 0
         return full_softmax_ce(
             model.query(hidden[valid]), model.output_weight[1:], targets[valid] - 1, chunk_rows
@@ -141,7 +143,7 @@ def train(
         model.parameters(), lr=train_cfg.lr, betas=(0.9, 0.98), weight_decay=train_cfg.weight_decay
     )
     best_state = copy.deepcopy(model.state_dict())
-    best_ndcg, best_epoch, best_valid, bad_evals = -1.0, 0, {}, 0
+    best_ndcg, best_epoch, best_valid, bad_evals, lr_decays = -1.0, 0, {}, 0, 0
     history: list[dict[str, float]] = []
     started = time.perf_counter()
     stopped_by, epoch = "max_epochs", 0
@@ -188,7 +190,18 @@ def train(
             f"valid ndcg@10 {record.get('valid_ndcg@10', float('nan')):.4f}  "
             f"best {best_ndcg:.4f} @ {best_epoch}  elapsed {elapsed / 60:.1f} min"
         )
-        if bad_evals >= train_cfg.patience:
+        if bad_evals >= train_cfg.lr_decay_patience and lr_decays < train_cfg.max_lr_decays:
+            # Plateau: go back to the best weights and continue with a smaller step.
+            lr_decays += 1
+            bad_evals = 0
+            model.load_state_dict(best_state)
+            for group in optimizer.param_groups:
+                group["lr"] *= train_cfg.lr_decay_factor
+            log(
+                f"validation stalled: back to epoch {best_epoch}, lr -> "
+                f"{optimizer.param_groups[0]['lr']:.2e}"
+            )
+        elif bad_evals >= train_cfg.patience:
             stopped_by = "early_stopping"
             break
         if train_cfg.time_limit_s and elapsed >= train_cfg.time_limit_s:

@@ -42,9 +42,7 @@ def _store(path: Path) -> Any:
 
 
 def _recipe_with_overrides(recipe_path: Path | None, **overrides: Any) -> Any:
-    from pydantic import ValidationError
-
-    from compression.configs import TeacherRecipe, load_recipe, validation_message
+    from compression.configs import TeacherRecipe, load_recipe
 
     base = load_recipe(str(recipe_path)) if recipe_path else TeacherRecipe()
     raw = base.model_dump()
@@ -61,8 +59,16 @@ def _recipe_with_overrides(recipe_path: Path | None, **overrides: Any) -> Any:
             raw["model"][key] = value
         else:
             raw["train"][key] = value
+    return _validated(TeacherRecipe, raw)
+
+
+def _validated(kind: Any, raw: dict[str, Any]) -> Any:
+    from pydantic import ValidationError
+
+    from compression.configs import validation_message
+
     try:
-        return TeacherRecipe(**raw)
+        return kind(**raw)
     except ValidationError as exc:
         raise UserError(validation_message(exc)) from None
 
@@ -83,7 +89,7 @@ def _metrics_table(title: str, rows: list[tuple[str, dict[str, float], str]]) ->
     Console().print(table)
 
 
-def _report_teacher(report: Any, stage: str = "test") -> None:
+def _report_model(report: Any, stage: str = "test") -> None:
     ref = f"{report.manifest.name}@{report.manifest.version}"
     _metrics_table(
         f"{stage} set, full ranking over {report.manifest.dataset.n_items:,} items, "
@@ -137,7 +143,7 @@ def train(
         seed=seed,
     )
     report = train_teacher(cfg, _store(store), progress=progress)
-    _report_teacher(report)
+    _report_model(report)
 
 
 @app.command()
@@ -223,6 +229,43 @@ def store_show(
 
 
 @app.command()
+def distill(
+    recipe: Annotated[Path, typer.Option(help="Student TOML recipe (see recipes/).")],
+    teacher: Annotated[
+        str | None, typer.Option(help="Override the recipe's teacher: NAME@VERSION.")
+    ] = None,
+    labels_only: Annotated[
+        bool, typer.Option(help="Train the same student from labels only (the control).")
+    ] = False,
+    name: Annotated[str | None, typer.Option(help="Override the student's store name.")] = None,
+    store: StoreOpt = Path(DEFAULT_STORE),
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Distil a stored teacher into a smaller student and publish it (parent = teacher)."""
+    from compression.configs import StudentRecipe, load_recipe
+    from compression.pipeline import distill_student
+
+    cfg = load_recipe(str(recipe), StudentRecipe)
+    updates: dict[str, Any] = {}
+    if teacher is not None:
+        updates["teacher"] = teacher
+    if labels_only:
+        updates["distill"] = None
+    if name is not None:
+        updates["name"] = name
+    if updates:
+        cfg = _validated(StudentRecipe, {**cfg.model_dump(), **updates})
+    report = distill_student(cfg, _store(store), progress=progress)
+    _report_model(report)
+    typer.echo(
+        f"published {report.manifest.name}@{report.manifest.version} "
+        f"(parent {report.manifest.parent}, "
+        f"{report.manifest.metrics['params_ratio']:.3f} of the teacher's parameters, "
+        f"NDCG@10 retention {report.manifest.metrics.get('ndcg_retention', float('nan')):.1%})"
+    )
+
+
+@app.command()
 def demo(
     store: StoreOpt = Path(DEFAULT_STORE),
     data: Annotated[str, typer.Option(help="Data set for the demo.")] = "synthetic",
@@ -239,7 +282,7 @@ def demo(
         train={"max_epochs": 40, "patience": 5, "time_limit_s": 150, "lr": 0.002},
     )
     report = train_teacher(recipe, _store(store), progress=progress)
-    _report_teacher(report)
+    _report_model(report)
     typer.echo(f"published {report.manifest.name}@{report.manifest.version} to {store}")
 
 

@@ -164,3 +164,33 @@ def test_training_learns_sequential_structure() -> None:
     popularity_ndcg = evaluate_popularity(split, "test")["ndcg@10"]
     assert result.history[-1]["loss"] < result.history[0]["loss"]
     assert model_ndcg > 2 * popularity_ndcg, (model_ndcg, popularity_ndcg)
+
+
+def test_lr_decays_on_plateau_from_the_best_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    import compression.train as train_module
+
+    scripted = iter([0.10, 0.20, 0.15, 0.14, 0.25, 0.11, 0.12, 0.13, 0.09])
+    monkeypatch.setattr(
+        train_module, "evaluate_model", lambda *a, **k: {"ndcg@10": next(scripted), "users": 1}
+    )
+    data, split = tiny_split()
+    cfg = ModelConfig(n_items=data.n_items, max_len=10, hidden=8)
+    logs: list[str] = []
+    result = train(
+        cfg,
+        TrainConfig(
+            max_epochs=9,
+            lr=1e-2,
+            patience=3,
+            lr_decay_patience=2,
+            max_lr_decays=1,
+            lr_decay_factor=0.5,
+        ),
+        split,
+        progress=False,
+        log=logs.append,
+    )
+    decays = [line for line in logs if "validation stalled" in line]
+    assert decays == ["validation stalled: back to epoch 2, lr -> 5.00e-03"]
+    assert result.best_epoch == 5
+    assert result.stopped_by == "early_stopping" and result.epochs_run == 8

@@ -1,0 +1,56 @@
+"""Teacher -> distilled student and labels-only control, through the store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from compression.configs import DistillConfig, StudentRecipe, TeacherRecipe
+from compression.pipeline import distill_student, train_teacher
+from model_store.store import ModelStore
+
+DATA = "synthetic:users=300,items=60,max_len=16,min_len=6,seed=2"
+
+
+@pytest.fixture(scope="module")
+def store_with_teacher(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
+    store = ModelStore(tmp_path_factory.mktemp("store"))
+    recipe = TeacherRecipe(
+        name="t",
+        data={"path": DATA},
+        model={"hidden": 32, "max_len": 16, "n_heads": 2},
+        train={"max_epochs": 6, "lr": 5e-3},
+    )
+    train_teacher(recipe, store, progress=False, log=lambda _: None)
+    return store
+
+
+@pytest.mark.parametrize("strategy", ["fixed", "reliability", "plateau", None])
+def test_student_is_published_with_parent_and_recipe(store_with_teacher, strategy) -> None:
+    distill = None if strategy is None else DistillConfig(strategy=strategy, plateau_patience=1)
+    recipe = StudentRecipe(
+        name=f"s-{strategy or 'labels'}",
+        teacher="t@latest",
+        model={"hidden": 8, "emb_dim": 4, "max_len": 8, "n_blocks": 1},
+        train={"max_epochs": 3, "lr": 5e-3},
+        distill=distill,
+    )
+    report = distill_student(recipe, store_with_teacher, progress=False, log=lambda _: None)
+    m = report.manifest
+    assert m.parent == "t@1"
+    assert m.kind == ("student" if strategy else "student-labels-only")
+    assert m.architecture["emb_dim"] == 4 and m.architecture["max_len"] == 8
+    assert m.recipe["distill"] == (None if distill is None else distill.model_dump())
+    assert 0 < m.metrics["params_ratio"] < 0.5
+    assert m.metrics["ndcg_retention"] == pytest.approx(
+        m.metrics["test_ndcg@10"] / m.metrics["teacher_test_ndcg@10"]
+    )
+    _, folder = store_with_teacher.load(f"{m.name}@latest")
+    assert (Path(folder) / "model.pt").is_file()
+
+
+def test_unknown_teacher_is_a_clear_error(store_with_teacher) -> None:
+    recipe = StudentRecipe(name="s", teacher="nope@1", model={"hidden": 8})
+    with pytest.raises(Exception, match="nope"):
+        distill_student(recipe, store_with_teacher, progress=False, log=lambda _: None)
