@@ -93,3 +93,40 @@ def test_train_store_evaluate_round_trip(monkeypatch, capsys, tmp_path) -> None:
     (Path(store) / "tiny" / "1" / "model.pt").write_bytes(b"garbage")
     code, _, err = run(monkeypatch, capsys, "evaluate", "tiny@1", *args)
     assert code == 2 and "model.pt" in err and err.count("\n") == 1
+
+
+def test_train_from_generic_event_csv(monkeypatch, capsys, tmp_path) -> None:
+    rows = ["who,what,when"]
+    rng = __import__("random").Random(0)
+    for user in range(40):
+        for t in range(8):
+            rows.append(f"u{user},item{rng.randrange(25)},{1000 + t}")
+    path = tmp_path / "events.csv"
+    path.write_text("\n".join(rows) + "\n")
+    store = str(tmp_path / "store")
+    base = [
+        "train",
+        "--data",
+        str(path),
+        "--hidden",
+        "8",
+        "--max-len",
+        "8",
+        "--max-epochs",
+        "1",
+        "--no-progress",
+        "--store",
+        store,
+        "--name",
+        "ev",
+    ]
+    code, _, err = run(monkeypatch, capsys, *base)
+    assert code == 2 and "who" in err  # columns must be named for a generic CSV
+    code, out, err = run(
+        monkeypatch, capsys, *base, "--user-col", "who", "--item-col", "what", "--time-col", "when"
+    )
+    assert code == 0, err
+    from compression.data import read_item_mapping
+
+    mapping = read_item_mapping(Path(store) / "ev" / "1" / "items.json")
+    assert mapping and all(item.startswith("item") for item in mapping)  # the user's own ids
