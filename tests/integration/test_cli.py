@@ -122,7 +122,7 @@ def test_train_from_generic_event_csv(monkeypatch, capsys, tmp_path) -> None:
     ]
     code, _, err = run(monkeypatch, capsys, *base)
     assert code == 2 and "who" in err  # columns must be named for a generic CSV
-    code, out, err = run(
+    code, _, err = run(
         monkeypatch, capsys, *base, "--user-col", "who", "--item-col", "what", "--time-col", "when"
     )
     assert code == 0, err
