@@ -138,15 +138,21 @@ def main() -> None:
         names = [names[int(i)] for i in args.modes.split(",")]
     rows = []
     for name in names:
-        times = time_mode(cfg, MODES[name], batches, args.reps)
+        try:
+            times = time_mode(cfg, MODES[name], batches, args.reps)
+        except Exception as exc:  # e.g. torch.compile without a working compiler
+            print(f"{name}: failed ({type(exc).__name__}: {exc})", flush=True)
+            rows.append({"mode": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            continue
         median = statistics.median(times)
         rows.append(
             {"mode": name, "median_s": median, "times_s": times, "epoch_s_estimate": median / share}
         )
         print(f"{name:45s} {median:7.2f} s  ~{median / share:6.1f} s/epoch", flush=True)
-    base = rows[0]["median_s"]
+    base = rows[0].get("median_s")
     for row in rows:
-        row["speedup_vs_first"] = base / row["median_s"]
+        if base and "median_s" in row:
+            row["speedup_vs_first"] = base / row["median_s"]
     result = {
         "data": Path(args.data).name,
         "hidden": args.hidden,
