@@ -125,6 +125,7 @@ def test_training_on_gpu_matches_cpu_quality_shape() -> None:
     assert np.isfinite(result.history[-1]["loss"])
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_checkpoint_round_trip_and_refusals(tmp_path: Path) -> None:
     model = small_model(tied=False)
     path = tmp_path / "model.pt"
