@@ -50,13 +50,21 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.proj = nn.Linear(hidden, hidden)
 
-    def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor, last_only: bool = False) -> Tensor:
+        """Self-attention; with `last_only`, only the last position queries (inference)."""
         b, length, h = x.shape
-        q, k, v = self.qkv(x).split(h, dim=-1)
-        shape = (b, length, self.n_heads, h // self.n_heads)
-        q, k, v = (t.reshape(shape).transpose(1, 2) for t in (q, k, v))
+        w, bias = self.qkv.weight, self.qkv.bias
+        if last_only:
+            q = F.linear(x[:, -1:], w[:h], bias[:h])
+            k, v = F.linear(x, w[h:], bias[h:]).split(h, dim=-1)
+            attn_mask = attn_mask[:, :, -1:]
+        else:
+            q, k, v = self.qkv(x).split(h, dim=-1)
+        heads, dim = self.n_heads, h // self.n_heads
+        q = q.reshape(b, q.shape[1], heads, dim).transpose(1, 2)
+        k, v = (t.reshape(b, length, heads, dim).transpose(1, 2) for t in (k, v))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.proj(y.transpose(1, 2).reshape(b, length, h))
+        return self.proj(y.transpose(1, 2).reshape(b, q.shape[2], h))
 
 
 class Block(nn.Module):
@@ -74,8 +82,10 @@ class Block(nn.Module):
         )
         self.drop = FastDropout(cfg.dropout)
 
-    def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
-        x = x + self.drop(self.attn(self.ln1(x), attn_mask))
+    def forward(self, x: Tensor, attn_mask: Tensor, last_only: bool = False) -> Tensor:
+        """With `last_only`, returns only the last position, `[batch, 1, hidden]`."""
+        attended = self.attn(self.ln1(x), attn_mask, last_only)
+        x = (x[:, -1:] if last_only else x) + self.drop(attended)
         return x + self.drop(self.ffn(self.ln2(x)))
 
 
@@ -114,13 +124,14 @@ class SASRec(nn.Module):
         """Map hidden states to the space of `output_weight` (identity unless factorized)."""
         return hidden if self.out_proj is None else self.out_proj(hidden)
 
-    def encode(self, seq: Tensor) -> Tensor:
-        """Hidden state at every position, `[batch, length, hidden]` (padding rows are 0)."""
+    def _embed(self, seq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Input embeddings, validity mask `[batch, length]` and attention mask."""
         seq = seq[:, -self.cfg.max_len :]
         length = seq.shape[1]
         valid = seq > 0
         if self.cfg.positions == "from_start":
-            positions = (valid.cumsum(dim=1) - 1).clamp(min=0)
+            # int64 before CumSum: ONNX has no bool CumSum.
+            positions = (valid.to(torch.int64).cumsum(dim=1) - 1).clamp(min=0)
         else:
             positions = torch.arange(length - 1, -1, -1, device=seq.device)
         x = self.item_emb(seq)
@@ -130,17 +141,31 @@ class SASRec(nn.Module):
         x = torch.where(valid.unsqueeze(-1), self.emb_drop(x), 0.0)
         # Causal, and padding keys hidden; the diagonal stays open so that padding queries
         # still have one key (their outputs are discarded) instead of producing NaN.
-        causal = torch.ones(length, length, dtype=torch.bool, device=seq.device).tril()
-        diag = torch.eye(length, dtype=torch.bool, device=seq.device)
+        # Built from index comparisons: ONNX Runtime has no bool Trilu/EyeLike kernels.
+        idx = torch.arange(length, device=seq.device)
+        causal = idx.unsqueeze(1) >= idx.unsqueeze(0)
+        diag = idx.unsqueeze(1) == idx.unsqueeze(0)
         attn_mask = ((causal & valid.unsqueeze(1)) | diag).unsqueeze(1)
+        return x, valid, attn_mask
+
+    def encode(self, seq: Tensor) -> Tensor:
+        """Hidden state at every position, `[batch, length, hidden]` (padding rows are 0)."""
+        x, valid, attn_mask = self._embed(seq)
         for block in self.blocks:
             x = torch.where(valid.unsqueeze(-1), block(x, attn_mask), 0.0)
         return self.final_ln(x)
 
     def forward(self, seq: Tensor) -> Tensor:
-        """Scores of every item after the last position, `[batch, n_items + 1]`."""
-        last = self.query(self.encode(seq)[:, -1, :])
-        return last @ self.output_weight.T
+        """Scores of every item after the last position, `[batch, n_items + 1]`.
+
+        Computes only what inference needs: the last block runs attention and FFN for the
+        last position alone (the other positions only serve as its keys and values).
+        """
+        x, valid, attn_mask = self._embed(seq)
+        for block in self.blocks[:-1]:
+            x = torch.where(valid.unsqueeze(-1), block(x, attn_mask), 0.0)
+        last = self.blocks[-1](x, attn_mask, last_only=True)[:, 0]
+        return self.query(self.final_ln(last)) @ self.output_weight.T
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

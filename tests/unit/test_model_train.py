@@ -195,3 +195,12 @@ def test_lr_decays_on_plateau_from_the_best_weights(monkeypatch: pytest.MonkeyPa
     assert decays == ["validation stalled: back to epoch 2, lr -> 5.00e-03"]
     assert result.best_epoch == 5
     assert result.stopped_by == "early_stopping" and result.epochs_run == 8
+
+
+@pytest.mark.parametrize("kw", [{}, {"emb_dim": 6, "tied": False}, {"positions": "from_end"}])
+def test_inference_path_equals_full_encoding(kw: dict) -> None:
+    model = small_model(n_blocks=3, **kw)
+    seq = torch.tensor([[0, 0, 4, 9, 2, 7], [1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        full = model.query(model.encode(seq)[:, -1]) @ model.output_weight.T
+        assert torch.allclose(model(seq), full, atol=1e-5)
