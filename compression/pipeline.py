@@ -18,6 +18,7 @@ from model_store.manifest import DatasetInfo, Manifest
 from model_store.store import ModelStore
 
 METRIC_KEYS = ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr")
+PARITY_SEQUENCES = 512
 
 
 def tune_allocator() -> None:
@@ -100,6 +101,7 @@ def evaluate_and_publish(
     eval_batch_size: int = 512,
 ) -> TrainReport:
     """Test-set and popularity evaluation, then an atomic publish with checkpoint + mapping."""
+    from compression.export import check_parity, export_onnx
     from compression.train import save_checkpoint
 
     test = evaluate_model(result.model, split, "test", eval_batch_size)
@@ -119,11 +121,16 @@ def evaluate_and_publish(
         metrics["ndcg_retention"] = test["ndcg@10"] / metrics["teacher_test_ndcg@10"]
     with tempfile.TemporaryDirectory() as tmp:
         ckpt, items = Path(tmp) / "model.pt", Path(tmp) / "items.json"
+        onnx_path = Path(tmp) / "model.onnx"
         save_checkpoint(ckpt, result.model, extra={"dataset_sha256": data.sha256})
         data.save_item_mapping(items)
+        export_onnx(result.model, onnx_path)
+        # Parity on real histories (the test inputs); raises before anything is published.
+        parity_histories = split.eval_inputs("test")[0][:PARITY_SEQUENCES]
+        metrics.update(check_parity(result.model, onnx_path, parity_histories).as_metrics())
         manifest = store.publish(
             name,
-            {"model.pt": ckpt, "items.json": items},
+            {"model.pt": ckpt, "model.onnx": onnx_path, "items.json": items},
             kind=kind,
             parent=parent,
             architecture=result.model.cfg.model_dump(),

@@ -79,7 +79,9 @@ def test_train_store_evaluate_round_trip(monkeypatch, capsys, tmp_path) -> None:
     code, out, _ = run(monkeypatch, capsys, "store", "show", "tiny@latest", *args)
     manifest = json.loads(out)
     assert manifest["kind"] == "teacher" and manifest["architecture"]["hidden"] == 8
-    assert {"model.pt", "items.json"} <= set(manifest["artifacts"])
+    assert {"model.pt", "model.onnx", "items.json"} == set(manifest["artifacts"])
+    assert manifest["artifacts"]["model.onnx"]["format"] == "onnx"
+    assert manifest["metrics"]["parity_top10_agreement"] > 0.99
     assert manifest["metrics"]["test_ndcg@10"] >= 0 and manifest["dataset"]["n_items"] == 40
     code, out, err = run(monkeypatch, capsys, "evaluate", "tiny", *args)
     assert code == 0, err

@@ -1,0 +1,58 @@
+"""ONNX export: signature, dynamic axes, parity with PyTorch, loud failure on drift."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from compression.configs import ModelConfig
+from compression.export import ExportError, check_parity, export_onnx, top_k_agreement
+from compression.model import SASRec
+
+
+def model(seed: int = 0, **kw: object) -> SASRec:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(n_items=60, max_len=12, hidden=16, n_heads=2, **kw)  # type: ignore[arg-type]
+    return SASRec(cfg).eval()
+
+
+def histories(n: int = 40) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(1, 61, size=rng.integers(1, 30)) for _ in range(n)]  # some > max_len
+
+
+@pytest.mark.parametrize("kw", [{}, {"emb_dim": 8}])
+def test_export_signature_and_parity(tmp_path: Path, kw: dict) -> None:
+    m = model(**kw)
+    path = tmp_path / "model.onnx"
+    export_onnx(m, path)
+    assert not list(tmp_path.glob("*.tmp"))
+    graph = onnx.load(str(path)).graph
+    (inp,), (out,) = graph.input, graph.output
+    assert (inp.name, out.name) == ("item_ids", "scores")
+    assert inp.type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    in_dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+    out_dims = [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim]
+    assert in_dims == ["batch", "length"] and out_dims == ["batch", 61]
+    report = check_parity(m, path, histories(), batch_size=7)
+    assert report.max_abs_diff < 1e-4 and report.top10_agreement == 1.0
+
+
+def test_parity_check_fails_loudly_on_a_different_model(tmp_path: Path) -> None:
+    path = tmp_path / "model.onnx"
+    export_onnx(model(seed=0), path)
+    with pytest.raises(ExportError, match="differs from PyTorch"):
+        check_parity(model(seed=1), path, histories(10))
+
+
+def test_top_k_agreement() -> None:
+    a = np.array([[9.0, *range(20)]])
+    assert top_k_agreement(a, a) == 1.0
+    b = a.copy()
+    b[0, 1:] = b[0, 1:][::-1]  # reversed ranking: top-10 disjoint
+    assert top_k_agreement(a, b) == 0.0
