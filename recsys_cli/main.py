@@ -31,6 +31,14 @@ StoreOpt = Annotated[
 ]
 
 
+def _console() -> Any:
+    from rich.console import Console
+
+    console = Console()
+    # Piped output gets rich's 80-column default, which wraps the metric tables.
+    return console if console.is_terminal else Console(width=120)
+
+
 def _quiet(_message: str) -> None:
     """Per-epoch log sink for the demo: its tables say what matters."""
 
@@ -89,7 +97,6 @@ def _validated(kind: Any, raw: dict[str, Any]) -> Any:
 
 
 def _metrics_table(title: str, rows: list[tuple[str, dict[str, float], str]]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title)
@@ -101,7 +108,7 @@ def _metrics_table(title: str, rows: list[tuple[str, dict[str, float], str]]) ->
             *(f"{m[k]:.4f}" for k in ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr")),
             notes,
         )
-    Console().print(table)
+    _console().print(table)
 
 
 def _report_model(report: Any, stage: str = "test") -> None:
@@ -220,7 +227,6 @@ def evaluate(
 @store_app.command("list")
 def store_list(store: StoreOpt = Path(DEFAULT_STORE)) -> None:
     """List every stored model version with its headline metrics."""
-    from rich.console import Console
     from rich.table import Table
 
     manifests = _store(store).list()
@@ -242,7 +248,7 @@ def store_list(store: StoreOpt = Path(DEFAULT_STORE)) -> None:
             f"{metrics['test_ndcg@10']:.4f}" if "test_ndcg@10" in metrics else "-",
             m.created_at,
         )
-    Console().print(table)
+    _console().print(table)
 
 
 @store_app.command("show")
