@@ -27,8 +27,12 @@ from torch import nn
 from compression.configs import ModelConfig
 from compression.data import leave_one_out, load_dataset, pad_left
 from compression.model import FastDropout, SASRec
-from compression.pipeline import tune_allocator
-from compression.train import full_softmax_ce, length_bucketed_batches, training_pairs
+from compression.train import (
+    full_softmax_ce,
+    length_bucketed_batches,
+    training_pairs,
+    tune_allocator,
+)
 
 
 def plain_ce(model: SASRec, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import tempfile
 import time
@@ -19,21 +18,6 @@ from model_store.store import ModelStore
 
 METRIC_KEYS = ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr")
 PARITY_SEQUENCES = 512
-
-
-def tune_allocator() -> None:
-    """Keep freed chunks (logit blocks of ~30 MB) in the heap instead of returning them.
-
-    glibc's default hands large blocks back to the kernel at once, and every reallocation
-    then pays page faults: about a tenth of a training step's time here.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)
-    libc.mallopt(m_trim_threshold, 4 * 1024 * 1024 * 1024 - 1)
 
 
 def load_from_spec(spec: DataSpec) -> SequenceDataset:
@@ -163,7 +147,6 @@ def train_teacher(
     """Load data, train, evaluate (valid, test, popularity) and publish atomically."""
     from compression.train import train
 
-    tune_allocator()
     data = data or load_from_spec(recipe.data)
     split = split or leave_one_out(data)
     model_cfg = recipe.model_config_for(data.n_items)
@@ -198,7 +181,6 @@ def distill_student(
     from compression.distill import DistillLoss
     from compression.train import load_checkpoint, train
 
-    tune_allocator()
     teacher_manifest, folder = store.load(recipe.teacher)
     parent = f"{teacher_manifest.name}@{teacher_manifest.version}"
     if "model.pt" not in teacher_manifest.artifacts:

@@ -9,6 +9,7 @@ is never stored (cross-entropy runs in row chunks, recomputed in backward); bf16
 from __future__ import annotations
 
 import copy
+import ctypes
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,6 +29,21 @@ from compression.evaluate import evaluate_model
 from compression.model import SASRec
 
 CHECKPOINT_FORMAT = "recsys-sasrec/1"
+
+
+def tune_allocator() -> None:
+    """Keep freed chunks (logit blocks of ~30 MB) in the heap instead of returning them.
+
+    glibc's default hands large blocks back to the kernel at once, and every reallocation
+    then pays page faults: ~10% of a training step's time here (measured at hidden 64).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)
+    libc.mallopt(m_trim_threshold, 4 * 1024 * 1024 * 1024 - 1)
 
 
 def seed_everything(seed: int) -> np.random.Generator:
@@ -127,6 +143,7 @@ def train(
     `on_eval(epoch, valid_metrics)` runs after every validation (adaptive schedules);
     `input_len` feeds longer windows than the model reads (a teacher may need them).
     """
+    tune_allocator()
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)
     rng = seed_everything(train_cfg.seed)
