@@ -141,7 +141,8 @@ R = TypeVar("R", bound=BaseModel)
 
 def validation_message(exc: ValidationError) -> str:
     """First problem of a pydantic error as `where: what` on one line."""
-    err = exc.errors()[0]
+    # Unknown keys first: pydantic's error order differs between releases.
+    err = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
     where = ".".join(str(p) for p in err["loc"]) or "recipe"
     msg = str(err["msg"]).removeprefix("Value error, ")
     more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""

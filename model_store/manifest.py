@@ -163,8 +163,12 @@ def load_manifest(path: str | Path) -> Manifest:
 
 
 def format_validation_error(exc: ValidationError) -> str:
-    """One line for humans: the first error in plain words, plus how many more there are."""
-    errors = exc.errors()
+    """One line for humans: the most telling error in plain words, plus how many more.
+
+    Unknown keys come first (a misspelt key also shows up as a missing one, and the
+    misspelling is what the user must fix); pydantic's own order differs between releases.
+    """
+    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
     text = _describe(errors[0])
     if len(errors) > 1:
         text += f" (+{len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
