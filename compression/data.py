@@ -95,7 +95,8 @@ def remap_items(
 ) -> SequenceDataset:
     """Map original item ids to 1..n in sorted order (numeric ids sort as numbers)."""
     vocab = {item for seq in raw_sequences for item in seq}
-    ordered = sorted(vocab, key=int) if numeric else sorted(vocab)
+    # (int, str): "007" and "7" are distinct ids with one numeric value; keep a fixed order.
+    ordered = sorted(vocab, key=lambda i: (int(i), i)) if numeric else sorted(vocab)
     index = {item: i + 1 for i, item in enumerate(ordered)}
     sequences = [
         np.fromiter((index[i] for i in seq), dtype=np.int64, count=len(seq))
