@@ -34,6 +34,22 @@ def load_from_spec(spec: DataSpec) -> SequenceDataset:
     return load_dataset(spec.path, **kwargs)
 
 
+def load_model_data(manifest: Manifest, path: str | None = None) -> SequenceDataset:
+    """The data a stored model was trained on (optionally read from another path),
+    refused when its bytes differ: item ids would no longer line up with the model's."""
+    spec = DataSpec(**manifest.recipe.get("data", {}))
+    if path is not None:
+        spec = spec.model_copy(update={"path": path})
+    data = load_from_spec(spec)
+    if data.sha256 != manifest.dataset.sha256:
+        raise ValueError(
+            f"{spec.path}: sha256 {data.sha256[:12]}… differs from the data "
+            f"{manifest.name}@{manifest.version} was trained on "
+            f"({manifest.dataset.sha256[:12]}…); item ids would not line up"
+        )
+    return data
+
+
 def dataset_info(data: SequenceDataset) -> DatasetInfo:
     return DatasetInfo(
         name=data.name,
@@ -141,14 +157,12 @@ def train_teacher(
     store: ModelStore,
     progress: bool = True,
     log: Callable[[str], None] = print,
-    data: SequenceDataset | None = None,
-    split: Split | None = None,
 ) -> TrainReport:
     """Load data, train, evaluate (valid, test, popularity) and publish atomically."""
     from compression.train import train
 
-    data = data or load_from_spec(recipe.data)
-    split = split or leave_one_out(data)
+    data = load_from_spec(recipe.data)
+    split = leave_one_out(data)
     model_cfg = recipe.model_config_for(data.n_items)
     log(f"data {json.dumps(data.summary())}")
     started = time.perf_counter()
@@ -185,9 +199,7 @@ def distill_student(
     parent = f"{teacher_manifest.name}@{teacher_manifest.version}"
     if "model.pt" not in teacher_manifest.artifacts:
         raise ValueError(f"{parent}: has no PyTorch checkpoint (model.pt) to distil from")
-    data = load_from_spec(DataSpec(**teacher_manifest.recipe.get("data", {})))
-    if data.sha256 != teacher_manifest.dataset.sha256:
-        raise ValueError(f"{parent}: its training data changed on disk (sha256 mismatch)")
+    data = load_model_data(teacher_manifest)
     split = leave_one_out(data)
     teacher = load_checkpoint(folder / "model.pt")
     student_cfg = recipe.model_config_for(data.n_items)
@@ -219,10 +231,11 @@ def distill_student(
     }
     if "test_ndcg@10" in teacher_manifest.metrics:
         extra["teacher_test_ndcg@10"] = teacher_manifest.metrics["test_ndcg@10"]
-    recipe_dump: dict[str, Any] = recipe.model_dump()
+    # The teacher's data spec travels along, so the student can be evaluated on its own.
+    recipe_dump: dict[str, Any] = {**recipe.model_dump(), "data": teacher_manifest.recipe["data"]}
     if recipe.distill is not None:
         recipe_dump["schedule_events"] = distill_loss.state.events
-    report = evaluate_and_publish(
+    return evaluate_and_publish(
         store,
         recipe.name,
         result,
@@ -235,4 +248,3 @@ def distill_student(
         extra_metrics=extra,
         eval_batch_size=recipe.train.eval_batch_size,
     )
-    return report

@@ -194,24 +194,15 @@ def evaluate(
     """Evaluate a stored model with full ranking, next to the popularity baseline."""
     if stage not in ("test", "valid"):
         raise UserError(f"--stage must be 'test' or 'valid', got {stage!r}")
-    from compression.configs import DataSpec
     from compression.data import leave_one_out
     from compression.evaluate import evaluate_model, evaluate_popularity
-    from compression.pipeline import load_from_spec
+    from compression.pipeline import load_model_data
     from compression.train import load_checkpoint
 
     manifest, folder = _store(store).load(model)
     if "model.pt" not in manifest.artifacts:
         raise UserError(f"{model}: has no PyTorch checkpoint (model.pt) to evaluate")
-    spec = DataSpec(**manifest.recipe.get("data", {}))
-    if data is not None:
-        spec = spec.model_copy(update={"path": data})
-    dataset = load_from_spec(spec)
-    if dataset.sha256 != manifest.dataset.sha256:
-        raise UserError(
-            f"{spec.path}: sha256 {dataset.sha256[:12]}… differs from the data {model} was "
-            f"trained on ({manifest.dataset.sha256[:12]}…); item ids would not line up"
-        )
+    dataset = load_model_data(manifest, data)
     split = leave_one_out(dataset)
     net = load_checkpoint(folder / "model.pt")
     _metrics_table(

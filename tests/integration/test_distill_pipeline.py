@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from compression.configs import DistillConfig, StudentRecipe, TeacherRecipe
-from compression.pipeline import distill_student, train_teacher
+from compression.pipeline import distill_student, load_model_data, train_teacher
 from model_store.store import ModelStore
 
 DATA = "synthetic:users=300,items=60,max_len=16,min_len=6,seed=2"
@@ -42,6 +42,8 @@ def test_student_is_published_with_parent_and_recipe(store_with_teacher, strateg
     assert m.kind == ("student" if strategy else "student-labels-only")
     assert m.architecture["emb_dim"] == 4 and m.architecture["max_len"] == 8
     assert m.recipe["distill"] == (None if distill is None else distill.model_dump())
+    assert m.recipe["data"]["path"] == DATA  # evaluable on its own (`recsys evaluate`)
+    assert load_model_data(m).sha256 == m.dataset.sha256
     assert 0 < m.metrics["params_ratio"] < 0.5
     assert m.metrics["ndcg_retention"] == pytest.approx(
         m.metrics["test_ndcg@10"] / m.metrics["teacher_test_ndcg@10"]
