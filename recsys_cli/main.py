@@ -58,26 +58,18 @@ def _recipe_with_overrides(recipe_path: Path | None, **overrides: Any) -> Any:
 
     base = load_recipe(str(recipe_path)) if recipe_path else TeacherRecipe()
     raw = base.model_dump()
-    sections = {
-        "data": {
-            "data_path": "path",
-            "user_col": "user_col",
-            "item_col": "item_col",
-            "time_col": "time_col",
-            "min_user_count": "min_user_count",
-            "min_item_count": "min_item_count",
-        },
-        "model": {},
-        "train": {},
-    }
+    # Each flag belongs to one recipe section; `--data` is the data section's `path`.
+    data_keys = {"user_col", "item_col", "time_col", "min_user_count", "min_item_count"}
     model_keys = {"max_len", "hidden", "n_blocks", "n_heads", "ffn", "dropout"}
     for key, value in overrides.items():
         if value is None:
             continue
         if key == "name":
             raw["name"] = value
-        elif key in sections["data"]:
-            raw["data"][sections["data"][key]] = value
+        elif key == "data_path":
+            raw["data"]["path"] = value
+        elif key in data_keys:
+            raw["data"][key] = value
         elif key in model_keys:
             raw["model"][key] = value
         else:
