@@ -51,13 +51,16 @@ def distill_terms(
     temperature: float,
     l2_target: str = "logits",
     top_k: int | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-position (KL * T^2, L2, CE, teacher rank of the label); logits are `[n, items]`."""
+    with_rank: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Per-position (KL * T^2, L2, CE, teacher rank of the label); logits are `[n, items]`.
+
+    The rank costs one more pass over the catalogue; `with_rank=False` skips it (None).
+    """
     s = student_logits.float()
     t = teacher_logits.float()
     ce = F.cross_entropy(s, labels, reduction="none")
-    label_score = t.gather(1, labels[:, None])
-    rank = (t > label_score).sum(dim=1)
+    rank = (t > t.gather(1, labels[:, None])).sum(dim=1) if with_rank else None
     if top_k is not None and top_k < t.shape[1]:
         top = t.topk(top_k, dim=1).indices
         s, t = s.gather(1, top), t.gather(1, top)
@@ -98,11 +101,12 @@ class DistillLoss:
         self.teacher_valid_ndcg = teacher_valid_ndcg
         self.state = DistillState(temperature=cfg.temperature)
 
-    def combine(self, kl: Tensor, l2: Tensor, ce: Tensor, rank: Tensor) -> Tensor:
+    def combine(self, kl: Tensor, l2: Tensor, ce: Tensor, rank: Tensor | None) -> Tensor:
         """Sum over positions of the weighted per-position loss (see module docstring)."""
         cfg, m = self.cfg, self.state.teacher_weight
         teacher_part = cfg.alpha * kl + (1.0 - cfg.alpha) * l2
         if cfg.strategy == "reliability":
+            assert rank is not None, "the reliability strategy needs the teacher's ranks"
             w = reliability_weight(rank)
             return (w * teacher_part + (cfg.beta + (1.0 - w)) * ce).sum()
         return (m * teacher_part + (cfg.beta + (1.0 - m)) * ce).sum()
@@ -114,7 +118,13 @@ class DistillLoss:
         with torch.no_grad():
             t_logits = t_query @ t_weight.T
         terms = distill_terms(
-            s_logits, t_logits, labels, self.state.temperature, self.cfg.l2_target, self.cfg.top_k
+            s_logits,
+            t_logits,
+            labels,
+            self.state.temperature,
+            self.cfg.l2_target,
+            self.cfg.top_k,
+            with_rank=self.cfg.strategy == "reliability",
         )
         return self.combine(*terms)
 
