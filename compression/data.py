@@ -64,18 +64,28 @@ class SequenceDataset:
             "sha256": self.sha256,
         }
 
-    def save_item_mapping(self, path: Path) -> None:
-        """Write `{"format": ..., "item_ids": [...]}`: position i holds internal id i + 1."""
-        write_item_mapping(path, self.item_ids)
+    def save_item_mapping(self, path: Path, counts: np.ndarray | None = None) -> None:
+        """Write `{"format": ..., "item_ids": [...]}`: position i holds internal id i + 1.
+
+        `counts` (indexed by internal id, index 0 ignored) are the training interactions per
+        item: the service answers histories it knows nothing about with the most popular.
+        """
+        write_item_mapping(path, self.item_ids, None if counts is None else counts[1:])
 
 
-def write_item_mapping(path: Path, item_ids: Sequence[str]) -> None:
-    payload = {
+def write_item_mapping(
+    path: Path, item_ids: Sequence[str], counts: Sequence[int] | np.ndarray | None = None
+) -> None:
+    payload: dict[str, object] = {
         "format": "recsys-item-mapping/1",
         "doc": "item_ids[i] is the original id of internal item id i + 1; internal id 0 is padding",
         "n_items": len(item_ids),
         "item_ids": list(item_ids),
     }
+    if counts is not None:
+        if len(counts) != len(item_ids):
+            raise ValueError(f"{len(counts)} counts for {len(item_ids)} items")
+        payload["counts"] = [int(c) for c in counts]
     path.write_text(json.dumps(payload))
 
 

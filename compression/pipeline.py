@@ -123,7 +123,7 @@ def evaluate_and_publish(
         ckpt, items = Path(tmp) / "model.pt", Path(tmp) / "items.json"
         onnx_path = Path(tmp) / "model.onnx"
         save_checkpoint(ckpt, result.model, extra={"dataset_sha256": data.sha256})
-        data.save_item_mapping(items)
+        data.save_item_mapping(items, split.item_counts())
         export_onnx(result.model, onnx_path)
         # Parity on real histories (the test inputs); raises before anything is published.
         parity_histories = split.eval_inputs("test")[0][:PARITY_SEQUENCES]

@@ -347,6 +347,78 @@ def demo(
     typer.echo(f"published to {store}; inspect with: recsys store list --store {store}")
 
 
+@app.command()
+def serve(
+    variant: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=MODEL_REF, repeatable, e.g. --variant full=ml1m-teacher@1."),
+    ] = None,
+    weight: Annotated[
+        list[str] | None, typer.Option(help="NAME=WEIGHT traffic share, repeatable.")
+    ] = None,
+    store: Annotated[Path | None, typer.Option(help="Model store root folder.")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port.")] = None,
+    max_batch_size: Annotated[int | None, typer.Option(help="Dynamic batch limit.")] = None,
+    max_wait_s: Annotated[float | None, typer.Option(help="Batch wait from first request.")] = None,
+    threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads per model.")] = None,
+) -> None:
+    """Serve stored models over HTTP (settings from RECSYS_* environment, flags win)."""
+    import logging
+
+    import uvicorn
+    from pydantic import ValidationError
+
+    from app.main import create_app
+    from app.settings import Settings
+
+    env: dict[str, Any] = {}
+    if variant:
+        env["variants"] = _pairs(variant, "--variant", str)
+    if weight:
+        env["weights"] = _pairs(weight, "--weight", float)
+    for key, value in {"store": store, "host": host, "port": port,
+                       "intra_op_threads": threads}.items():  # fmt: skip
+        if value is not None:
+            env[key] = str(value) if key == "store" else value
+    try:
+        settings = Settings(**env)
+        if max_batch_size is not None or max_wait_s is not None:
+            batch = settings.batch.model_dump()
+            batch.update({k: v for k, v in {"max_batch_size": max_batch_size,
+                          "max_wait_s": max_wait_s}.items() if v is not None})  # fmt: skip
+            settings = Settings(**{**env, "batch": batch})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = "".join(f".{p}" for p in err["loc"])
+        raise UserError(f"settings{where}: {err['msg']}") from None
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,  # one log line per request costs ~40% of the throughput
+        loop="uvloop",
+        http="httptools",
+    )
+
+
+def _pairs(values: list[str], flag: str, cast: Any) -> dict[str, Any]:
+    out = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise UserError(f"{flag} {item!r}: expected NAME=VALUE")
+        try:
+            out[name] = cast(value)
+        except ValueError:
+            raise UserError(f"{flag} {item!r}: {value!r} is not a valid value") from None
+    return out
+
+
 def main() -> None:
     """Console entry point: one line and exit 2 for every user error, never a traceback."""
     from compression.data import DataError

@@ -1,0 +1,181 @@
+"""Inference engines behind one protocol: int64 item ids `[batch, length]` -> float32 scores.
+
+- `OrtEngine`: ONNX Runtime; CPU, or CUDA / TensorRT execution providers when installed.
+  onnxruntime-gpu silently falls back to CPU when CUDA cannot start, so the providers the
+  session really got are read back and reported.
+- `TensorRTEngine`: a native TensorRT plan, only where its TensorRT version and GPU compute
+  capability match the ones it was built with (an engine runs only where it was built).
+- `TorchEngine`: a `torch.export` program (`model.pt2`) on a CUDA GPU without TensorRT.
+  Optional: PyTorch is imported only here, never by the CPU service.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "item_ids"
+OUTPUT_NAME = "scores"
+
+
+class EngineError(RuntimeError):
+    """An engine that cannot be built from the given artifact on this machine."""
+
+
+class Engine(Protocol):
+    name: str  # "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt", "torch-cuda", ...
+
+    def run(self, item_ids: np.ndarray) -> np.ndarray:
+        """Scores `[batch, n_items + 1]` for left-padded int64 ids `[batch, length]`."""
+        ...
+
+
+class OrtEngine:
+    def __init__(self, path: Path, threads: int = 1, providers: list[str] | None = None) -> None:
+        import onnxruntime as ort
+
+        wanted = providers or ["CPUExecutionProvider"]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Spinning threads burn the core the event loop needs between batches.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=wanted)
+        except Exception as exc:  # ORT raises several unrelated types for a bad file
+            raise EngineError(f"{path}: ONNX Runtime cannot load it ({exc})") from exc
+        got = self.session.get_providers()
+        if got[0] != wanted[0]:
+            log.warning("%s: asked for %s, ONNX Runtime runs on %s", path, wanted[0], got[0])
+        self.providers = got
+        self.name = {
+            "TensorrtExecutionProvider": "onnxruntime-tensorrt",
+            "CUDAExecutionProvider": "onnxruntime-cuda",
+        }.get(got[0], "onnxruntime-cpu")
+        inputs = [i.name for i in self.session.get_inputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
+            raise EngineError(
+                f"{path}: expected input {INPUT_NAME!r} and output {OUTPUT_NAME!r}, "
+                f"found inputs {inputs} and outputs {outputs}; re-export the model"
+            )
+
+    def run(self, item_ids: np.ndarray) -> np.ndarray:
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: item_ids})[0]
+
+
+def gpu_ort_providers() -> list[str]:
+    """Best providers this onnxruntime build offers, best first (CPU always last)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    order = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    return [p for p in order if p in available]
+
+
+def local_gpu() -> tuple[str, str] | None:
+    """(TensorRT version, compute capability "major.minor") here, or None without both."""
+    try:
+        import tensorrt as trt  # type: ignore[import-not-found]
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    return str(trt.__version__), f"{major}.{minor}"
+
+
+class TensorRTEngine:
+    """A deserialized TensorRT plan run through PyTorch CUDA tensors (no extra CUDA binding)."""
+
+    name = "tensorrt"
+
+    def __init__(self, path: Path) -> None:
+        try:
+            import tensorrt as trt  # type: ignore[import-not-found]
+            import torch
+        except ImportError as exc:
+            raise EngineError(f"{path}: TensorRT engines need tensorrt and torch ({exc})") from exc
+        self._torch = torch
+        logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(logger)
+        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise EngineError(f"{path}: TensorRT could not deserialize the plan")
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream()
+
+    def run(self, item_ids: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        ids = torch.from_numpy(item_ids).cuda(non_blocking=True)
+        self.context.set_input_shape(INPUT_NAME, tuple(ids.shape))
+        out_shape = tuple(self.context.get_tensor_shape(OUTPUT_NAME))
+        scores = torch.empty(out_shape, dtype=torch.float32, device="cuda")
+        self.context.set_tensor_address(INPUT_NAME, ids.data_ptr())
+        self.context.set_tensor_address(OUTPUT_NAME, scores.data_ptr())
+        with torch.cuda.stream(self.stream):
+            self.context.execute_async_v3(self.stream.cuda_stream)
+        self.stream.synchronize()
+        return scores.cpu().numpy()
+
+
+class TorchEngine:
+    """A `torch.export` program: for GPUs without TensorRT (and CPU checks in tests)."""
+
+    def __init__(self, path: Path, device: str = "cuda") -> None:
+        try:
+            import torch
+        except ImportError as exc:
+            raise EngineError(f"{path}: the torch engine needs PyTorch ({exc})") from exc
+        self._torch = torch
+        try:
+            program = torch.export.load(str(path))
+        except Exception as exc:
+            raise EngineError(f"{path}: not a loadable torch.export program ({exc})") from exc
+        self.device = torch.device(device)
+        self.module: Any = program.module().to(self.device)
+        self.name = f"torch-{self.device.type}"
+
+    def run(self, item_ids: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            ids = torch.from_numpy(item_ids).to(self.device, non_blocking=True)
+            return self.module(ids).float().cpu().numpy()
+
+
+def build_engine(
+    folder: Path, artifacts: dict[str, dict[str, Any]], kind: str, threads: int
+) -> Engine:
+    """The best engine for this machine from a stored version's artifacts.
+
+    `kind` is the setting: "auto" prefers a matching TensorRT plan, then ONNX Runtime with
+    the best provider, then a torch program on CUDA; the others force one engine.
+    """
+    onnx = folder / "model.onnx" if "model.onnx" in artifacts else None
+    plan = folder / "model.plan" if "model.plan" in artifacts else None
+    program = folder / "model.pt2" if "model.pt2" in artifacts else None
+    if kind in ("auto", "tensorrt") and plan is not None:
+        here, info = local_gpu(), artifacts["model.plan"]
+        built = (info.get("tensorrt_version"), info.get("compute_capability"))
+        if here is not None and built == here:
+            return TensorRTEngine(plan)
+        why = "no TensorRT/GPU here" if here is None else f"built for {built}, here {here}"
+        if kind == "tensorrt" or onnx is None:
+            raise EngineError(f"{plan}: cannot run this TensorRT engine ({why})")
+        log.warning("%s: not using the TensorRT engine (%s); falling back to ONNX", plan, why)
+    elif kind == "tensorrt":
+        raise EngineError(f"{folder}: has no TensorRT engine (model.plan)")
+    if kind == "torch" or (kind == "auto" and onnx is None and program is not None):
+        if program is None:
+            raise EngineError(f"{folder}: has no torch.export program (model.pt2)")
+        return TorchEngine(program)
+    if onnx is None:
+        raise EngineError(f"{folder}: has no ONNX model (model.onnx) to serve")
+    return OrtEngine(onnx, threads=threads, providers=gpu_ort_providers())

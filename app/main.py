@@ -1,0 +1,52 @@
+"""`create_app(settings)`: a factory, nothing built at import time.
+
+The lifespan starts loading the variants in the background and returns at once, so the
+process answers `/healthz` (alive) while `/readyz` says 503 with the reason until every
+variant is loaded, verified and warmed up. A store that fails keeps the process alive and
+is retried every `load_retry_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from app.api import router
+from app.errors import BodyGuard, install_error_handlers
+from app.metrics import Metrics
+from app.service import Service
+from app.settings import Settings
+
+log = logging.getLogger("app")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service = Service(settings, Metrics())
+        app.state.service = service
+        loader = asyncio.get_running_loop().create_task(service.load_all())
+        try:
+            yield
+        finally:
+            loader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loader
+            await service.close()
+
+    app = FastAPI(
+        title="recsys-serve",
+        summary="Low-latency Transformer recommendations with batching, A/B and metrics",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.include_router(router)
+    install_error_handlers(app)
+    app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes)
+    return app

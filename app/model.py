@@ -1,0 +1,162 @@
+"""A stored model version ready to serve: engine, item-id mapping, popularity fallback, top-k.
+
+Reads only the store's files (manifest, `items.json`, the artifact); never `compression/`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.engines import Engine, build_engine
+from model_store import ModelStore
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """A stored version that cannot be served (names the version and the problem)."""
+
+
+@dataclass(slots=True)
+class Query:
+    """One request after id mapping: what the batcher carries to the engine thread."""
+
+    inputs: np.ndarray  # internal ids, the most recent `max_len`, oldest first
+    exclude: np.ndarray | None  # internal ids never to recommend (the whole known history)
+    k: int
+
+
+@dataclass(slots=True)
+class Ranked:
+    items: list[int | str]  # original item ids, best first
+    scores: list[float]
+
+
+def _original_id(text: str) -> int | str:
+    return int(text) if text.isdigit() else text
+
+
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+    for bucket in buckets:
+        if length <= bucket:
+            return bucket
+    return buckets[-1]
+
+
+class LoadedModel:
+    """One `name@version` from the store, verified, with its engine built and warmed up."""
+
+    def __init__(
+        self, store: ModelStore, ref: str, engine_kind: str, threads: int, buckets: Sequence[int]
+    ) -> None:
+        try:
+            manifest, folder = store.load(ref, verify=True)
+            self.manifest = manifest
+            self.ref = f"{manifest.name}@{manifest.version}"
+            self.max_len = int(manifest.architecture["max_len"])
+            self.n_items = int(manifest.dataset.n_items)
+            artifacts = {k: v.model_dump() for k, v in manifest.artifacts.items()}
+            self.engine: Engine = build_engine(folder, artifacts, engine_kind, threads)
+            self._load_items(folder / manifest.item_mapping)
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # store, manifest, engine and mapping errors alike
+            raise ModelLoadError(f"{ref}: cannot be served: {exc}") from exc
+        self.buckets = sorted({min(b, self.max_len) for b in buckets} | {self.max_len})
+        precisions = {a.precision for a in manifest.artifacts.values() if a.format == "onnx"}
+        self.precision = ",".join(sorted(precisions)) or "fp32"
+        self.size_bytes = sum(
+            a.size_bytes for a in manifest.artifacts.values() if a.format in ("onnx", "tensorrt")
+        )
+
+    def _load_items(self, path: Path) -> None:
+        payload: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        ids = payload["item_ids"]
+        if payload.get("format") != "recsys-item-mapping/1" or len(ids) != self.n_items:
+            raise ModelLoadError(f"{path}: not an item mapping for {self.n_items} items")
+        self.item_ids: list[int | str] = [_original_id(str(i)) for i in ids]
+        # Request ids are integers; non-numeric catalogue ids are kept for responses only.
+        self.to_internal: dict[int | str, int] = {o: i + 1 for i, o in enumerate(self.item_ids)}
+        counts = payload.get("counts")
+        if counts is None or len(counts) != self.n_items:
+            log.warning("%s: no popularity counts; fallback ranks items by id", path)
+            counts = [0] * self.n_items
+        # Stable: equally popular items keep id order, so the fallback is deterministic.
+        self.popular = np.argsort(-np.asarray(counts, dtype=np.int64), kind="stable") + 1
+        self.popular_scores = np.asarray(counts, dtype=np.float32)
+
+    def map_history(self, history: Sequence[int]) -> tuple[np.ndarray, int]:
+        """Internal ids of the known items (oldest first) and how many were unknown."""
+        lookup = self.to_internal.get
+        known = [i for i in map(lookup, history) if i is not None]
+        return np.asarray(known, dtype=np.int64), len(history) - len(known)
+
+    def warm_up(self, max_batch_size: int) -> float:
+        """Run every (batch, length bucket) shape the batcher can send; returns seconds."""
+        started = time.perf_counter()
+        sizes = sorted({1, max_batch_size} | {b for b in (8, 32) if b < max_batch_size})
+        for length in self.buckets:
+            for size in sizes:
+                ids = np.ones((size, length), dtype=np.int64)
+                scores = self.engine.run(ids)
+                if scores.shape != (size, self.n_items + 1):
+                    raise ModelLoadError(
+                        f"{self.ref}: engine returned scores {scores.shape}, expected "
+                        f"({size}, {self.n_items + 1}); the artifact does not match its manifest"
+                    )
+                if not np.isfinite(scores).all():
+                    raise ModelLoadError(f"{self.ref}: engine returns non-finite scores")
+        return time.perf_counter() - started
+
+    def run_batch(self, queries: Sequence[Query]) -> list[Ranked]:
+        """Pad to the smallest length bucket that fits, score, mask, take each top-k."""
+        length = bucket_for(max(len(q.inputs) for q in queries), self.buckets)
+        ids = np.zeros((len(queries), length), dtype=np.int64)
+        for row, q in enumerate(queries):
+            if len(q.inputs):
+                ids[row, length - len(q.inputs) :] = q.inputs
+        scores = self.engine.run(ids)
+        return [self._top_k(scores[row], q) for row, q in enumerate(queries)]
+
+    def _top_k(self, row: np.ndarray, q: Query) -> Ranked:
+        row[0] = -np.inf
+        if q.exclude is not None and len(q.exclude):
+            row[q.exclude] = -np.inf
+        k = min(q.k, self.n_items)
+        top = np.argpartition(-row, k - 1)[:k] if k < len(row) else np.arange(len(row))
+        top = top[np.argsort(-row[top], kind="stable")]
+        top = top[np.isfinite(row[top])]
+        return Ranked([self.item_ids[i - 1] for i in top], row[top].tolist())
+
+    def popular_top_k(self, k: int, exclude: np.ndarray | None) -> Ranked:
+        """The fallback for histories with no known item: most popular items first."""
+        items = self.popular
+        if exclude is not None and len(exclude):
+            items = items[~np.isin(items, exclude)]
+        items = items[:k]
+        scores = self.popular_scores[items - 1].tolist()
+        return Ranked([self.item_ids[i - 1] for i in items], scores)
+
+    def summary(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "model": m.name,
+            "version": m.version,
+            "kind": m.kind,
+            "parent": m.parent,
+            "created_at": m.created_at,
+            "engine": self.engine.name,
+            "precision": self.precision,
+            "max_len": self.max_len,
+            "n_items": self.n_items,
+            "size_bytes": self.size_bytes,
+            "metrics": m.metrics,
+        }

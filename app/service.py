@@ -1,0 +1,214 @@
+"""The running service: loaded variants with their batchers, the router, shadow traffic.
+
+Hot swap: a new version is loaded, verified and warmed up off the event loop while the old
+one serves; then the variant's entry is replaced in one assignment. Requests that already
+hold the old entry finish on it (its batcher drains before it closes); a failed load leaves
+the old entry untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from app.batching import BatcherConfig, BatchObserver, DynamicBatcher
+from app.metrics import Metrics
+from app.model import LoadedModel, Query, Ranked
+from app.routing import Router
+from app.settings import Settings
+from model_store import ModelStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Variant:
+    name: str
+    model: LoadedModel
+    batcher: DynamicBatcher[Query, Ranked]
+
+
+@dataclass(slots=True)
+class Answer:
+    variant: str
+    model_version: str
+    ranked: Ranked
+    source: str
+    unknown_items: int
+
+
+class Service:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.store = ModelStore(settings.store)
+        self.router = Router(settings.routing_weights(), settings.experiment_salt)
+        for name, weight in self.router.weights.items():
+            metrics.routing_weight.labels(name).set(weight)
+        self.variants: dict[str, Variant] = {}
+        self.not_ready_reason: str | None = "starting: variants not loaded yet"
+        n_variants = max(1, len(settings.variants))
+        self.executor = ThreadPoolExecutor(
+            max_workers=n_variants * settings.batch.max_inflight_batches + 1,
+            thread_name_prefix="inference",
+        )
+        self._reload_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
+
+    @property
+    def ready(self) -> bool:
+        return self.not_ready_reason is None
+
+    # -- loading ---------------------------------------------------------------------------
+
+    def _load_model(self, name: str, ref: str) -> LoadedModel:
+        s = self.settings
+        model = LoadedModel(self.store, ref, s.engine, s.intra_op_threads, s.batch.length_buckets)
+        warm_s = model.warm_up(s.batch.max_batch_size)
+        log.info("variant %s: %s on %s, warm-up %.2f s", name, model.ref, model.engine.name, warm_s)
+        return model
+
+    def _make_variant(self, name: str, model: LoadedModel) -> Variant:
+        m, b = self.metrics, self.settings.batch
+        observer = BatchObserver(
+            queue_depth=m.queue_depth.labels(name).set,
+            batch=lambda size, compute_s: (
+                m.batch_size.labels(name).observe(size),
+                m.inference.labels(name).observe(compute_s),
+            ),
+            queue_wait=m.queue_wait.labels(name).observe,
+            dropped=lambda reason: m.rejected.labels(name, reason).inc(),
+        )
+        config = BatcherConfig(
+            max_batch_size=b.max_batch_size,
+            max_wait_s=b.max_wait_s,
+            max_queue_size=b.max_queue_size,
+            max_inflight_batches=b.max_inflight_batches,
+        )
+        batcher = DynamicBatcher(name, model.run_batch, self.executor, config, observer)
+        batcher.start()
+        return Variant(name, model, batcher)
+
+    def _publish_info(self, name: str, old: LoadedModel | None, new: LoadedModel) -> None:
+        info = self.metrics.model_info
+        if old is not None:
+            info.remove(name, old.manifest.name, str(old.manifest.version), old.precision,
+                        old.engine.name)  # fmt: skip
+        info.labels(name, new.manifest.name, str(new.manifest.version), new.precision,
+                    new.engine.name).set(1)  # fmt: skip
+
+    async def load_all(self) -> None:
+        """Load every configured variant; until all load, stay alive and say why not ready."""
+        loop = asyncio.get_running_loop()
+        while True:
+            missing = [n for n in self.settings.variants if n not in self.variants]
+            errors = []
+            for name in missing:
+                ref = self.settings.variants[name]
+                try:
+                    model = await loop.run_in_executor(self.executor, self._load_model, name, ref)
+                except Exception as exc:
+                    self.metrics.model_loads.labels(name, "failed").inc()
+                    log.error("variant %s: %s", name, exc)
+                    errors.append(f"variant {name!r}: {exc}")
+                    continue
+                self.metrics.model_loads.labels(name, "ok").inc()
+                self.variants[name] = self._make_variant(name, model)
+                self._publish_info(name, None, model)
+            if not self.settings.variants:
+                errors.append("no variants configured; set RECSYS_VARIANTS")
+            if not errors:
+                self.not_ready_reason = None
+                self.metrics.ready.set(1)
+                return
+            self.not_ready_reason = "; ".join(errors)
+            await asyncio.sleep(self.settings.load_retry_s)
+
+    async def reload(self, name: str, ref: str) -> Variant:
+        """Swap `name` to `ref`: load and warm first; on failure the old version stays."""
+        async with self._reload_lock:
+            loop = asyncio.get_running_loop()
+            try:
+                model = await loop.run_in_executor(self.executor, self._load_model, name, ref)
+            except Exception:
+                self.metrics.model_loads.labels(name, "failed").inc()
+                raise
+            self.metrics.model_loads.labels(name, "ok").inc()
+            old = self.variants.get(name)
+            new = self._make_variant(name, model)
+            self.variants[name] = new  # the switch: one assignment, no await in between
+            self._publish_info(name, old.model if old else None, model)
+            if old is not None:
+                self._spawn(old.batcher.close())
+            return new
+
+    async def close(self) -> None:
+        for variant in list(self.variants.values()):
+            await variant.batcher.close(drain_timeout_s=5.0)
+        for task in list(self._background):
+            task.cancel()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- serving ---------------------------------------------------------------------------
+
+    def prepare(self, variant: Variant, history: list[int], k: int, exclude: bool) -> tuple:
+        model = variant.model
+        known, unknown = model.map_history(history)
+        if unknown:
+            self.metrics.unknown_items.labels(variant.name).inc(unknown)
+        query = Query(known[-model.max_len :], known if exclude else None, k)
+        return query, unknown
+
+    async def recommend(
+        self, variant_name: str, history: list[int], k: int, exclude: bool
+    ) -> Answer:
+        variant = self.variants[variant_name]
+        query, unknown = self.prepare(variant, history, k, exclude)
+        if len(query.inputs) == 0:
+            self.metrics.fallback.labels(variant_name).inc()
+            ranked = variant.model.popular_top_k(k, None)
+            return Answer(variant_name, variant.model.ref, ranked, "popular", unknown)
+        ranked = await variant.batcher.submit(query, self.settings.request_timeout_s)
+        return Answer(variant_name, variant.model.ref, ranked, "model", unknown)
+
+    async def maybe_shadow(self, served: Answer, history: list[int], k: int, exclude: bool) -> None:
+        """Also run a sampled request on the candidate, after the response is sent."""
+        candidate = self.settings.shadow_variant
+        if (
+            candidate is None
+            or candidate == served.variant
+            or served.source != "model"
+            or candidate not in self.variants
+            or not self.router.sample(self.settings.shadow_fraction)
+        ):
+            return
+        self._spawn(self._shadow(candidate, served, history, k, exclude))
+
+    async def _shadow(
+        self, candidate: str, served: Answer, history: list[int], k: int, exclude: bool
+    ) -> None:
+        variant = self.variants[candidate]
+        query, _ = self.prepare(variant, history, k, exclude)
+        started = time.perf_counter()
+        try:
+            ranked = await variant.batcher.submit(query, self.settings.request_timeout_s)
+        except Exception:  # shadow traffic must never hurt the served path
+            self.metrics.shadow_dropped.labels(candidate).inc()
+            return
+        self.metrics.shadow_duration.labels(candidate).observe(time.perf_counter() - started)
+        agreement = top_k_overlap(served.ranked.items, ranked.items)
+        self.metrics.shadow_agreement.labels(served.variant, candidate).observe(agreement)
+
+
+def top_k_overlap(a: list[int | str], b: list[int | str]) -> float:
+    """|a ∩ b| / max(len): 1.0 when both lists hold the same items."""
+    n = max(len(a), len(b))
+    return float(len(set(a) & set(b)) / n) if n else 1.0

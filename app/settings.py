@@ -1,0 +1,104 @@
+"""Serving settings: one validated class, read from `RECSYS_*` environment variables."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+VARIANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_MODEL_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(@(\d+|latest))?$")
+
+
+class BatchSettings(BaseModel):
+    """Dynamic batcher knobs (one batcher per variant); env `RECSYS_BATCH__MAX_WAIT_S` etc."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(64, ge=1, le=4096)
+    # Counted from the first request of a batch; 0 sends whatever is queued at once.
+    max_wait_s: float = Field(0.002, ge=0.0, le=1.0)
+    max_queue_size: int = Field(1024, ge=1)
+    # Batches computing at once per variant: >1 overlaps padding/top-k with inference.
+    max_inflight_batches: int = Field(2, ge=1, le=64)
+    length_buckets: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 200])
+
+    @field_validator("length_buckets")
+    @classmethod
+    def _sorted_positive(cls, value: list[int]) -> list[int]:
+        if not value or any(b < 1 for b in value):
+            raise ValueError("length_buckets must be a non-empty list of positive lengths")
+        return sorted(set(value))
+
+
+class Settings(BaseSettings):
+    """Everything the service needs; e.g. `RECSYS_VARIANTS='{"teacher":"ml1m-teacher@1"}'`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RECSYS_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    store: str = Field("model_store/models", description="model store root folder")
+    # variant name -> stored model reference (NAME, NAME@VERSION or NAME@latest)
+    variants: dict[str, str] = Field(default_factory=dict)
+    # Traffic share per variant; missing variants get 0 (reachable only by override).
+    weights: dict[str, float] = Field(default_factory=dict)
+    experiment_salt: str = Field("exp-1", min_length=1, max_length=128)
+    shadow_variant: str | None = None
+    shadow_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    reference_variant: str | None = Field(
+        None, description="the full model that /v1/compare measures retention against"
+    )
+    admin_token: SecretStr | None = Field(
+        None, description="bearer token for /admin/*; unset = admin endpoints disabled"
+    )
+    engine: Literal["auto", "onnxruntime", "tensorrt", "torch"] = "auto"
+    intra_op_threads: int = Field(1, ge=1, le=256, description="ONNX Runtime threads/session")
+    batch: BatchSettings = Field(default_factory=BatchSettings)
+    request_timeout_s: float = Field(1.0, gt=0.0, le=60.0)
+    default_k: int = Field(10, ge=1)
+    max_k: int = Field(1000, ge=1)
+    max_history_len: int = Field(10_000, ge=1, description="longer histories are refused (422)")
+    max_batch_requests: int = Field(256, ge=1, description="users per /v1/recommend/batch call")
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    load_retry_s: float = Field(5.0, gt=0.0, description="retry period while the store fails")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("variants")
+    @classmethod
+    def _valid_variants(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, ref in value.items():
+            if not re.match(VARIANT_PATTERN, name):
+                raise ValueError(f"variant name {name!r}: use letters, digits, '_', '.', '-'")
+            if not _MODEL_REF.match(ref):
+                raise ValueError(f"variant {name!r}: {ref!r} is not NAME, NAME@N or NAME@latest")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        unknown = sorted(set(self.weights) - set(self.variants))
+        if unknown:
+            raise ValueError(f"weights name unknown variants {unknown}; known: {self.known}")
+        if any(w < 0 for w in self.weights.values()):
+            raise ValueError(f"weights must be >= 0, got {self.weights}")
+        for field in ("shadow_variant", "reference_variant"):
+            name = getattr(self, field)
+            if name is not None and name not in self.variants:
+                raise ValueError(f"{field} {name!r} is not a variant; known: {self.known}")
+        if self.default_k > self.max_k:
+            raise ValueError(f"default_k {self.default_k} > max_k {self.max_k}")
+        return self
+
+    @property
+    def known(self) -> list[str]:
+        return sorted(self.variants)
+
+    def routing_weights(self) -> dict[str, float]:
+        """Weights from settings; with none given, traffic splits evenly over all variants."""
+        if self.weights:
+            return {name: self.weights.get(name, 0.0) for name in self.variants}
+        return {name: 1.0 for name in self.variants}
