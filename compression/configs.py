@@ -36,15 +36,26 @@ class ModelConfig(_Strict):
         "the embedding/output matrix (the bulk of the parameters) through a projection",
     )
 
+    head_dim: int | None = Field(
+        None,
+        ge=1,
+        description="width of one attention head; None = hidden // n_heads. Set by head "
+        "pruning, where n_heads * head_dim (the attention's inner width) differs from hidden",
+    )
+
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> ModelConfig:
-        if self.hidden % self.n_heads:
+        if self.head_dim is None and self.hidden % self.n_heads:
             raise ValueError(f"hidden={self.hidden} is not divisible by n_heads={self.n_heads}")
         return self
 
     @property
     def ffn_width(self) -> int:
         return self.ffn or self.hidden
+
+    @property
+    def attn_head_dim(self) -> int:
+        return self.head_dim or self.hidden // self.n_heads
 
 
 class TrainConfig(_Strict):

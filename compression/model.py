@@ -44,15 +44,20 @@ class FastDropout(nn.Module):
 class CausalSelfAttention(nn.Module):
     # No dropout on attention weights: it doubled attention time on CPU; dropout stays on
     # embeddings, residual branches and FFN outputs.
-    def __init__(self, hidden: int, n_heads: int) -> None:
+    # q, k and v are `n_heads * head_dim` wide (`hidden` unless heads were pruned).
+    def __init__(self, hidden: int, n_heads: int, head_dim: int | None = None) -> None:
         super().__init__()
         self.n_heads = n_heads
-        self.qkv = nn.Linear(hidden, 3 * hidden)
-        self.proj = nn.Linear(hidden, hidden)
+        self.head_dim = head_dim or hidden // n_heads
+        inner = n_heads * self.head_dim
+        self.qkv = nn.Linear(hidden, 3 * inner)
+        self.proj = nn.Linear(inner, hidden)
 
     def forward(self, x: Tensor, attn_mask: Tensor, last_only: bool = False) -> Tensor:
         """Self-attention; with `last_only`, only the last position queries (inference)."""
-        b, length, h = x.shape
+        b, length = x.shape[:2]
+        heads, dim = self.n_heads, self.head_dim
+        h = heads * dim
         w, bias = self.qkv.weight, self.qkv.bias
         if last_only:
             q = F.linear(x[:, -1:], w[:h], bias[:h])
@@ -60,7 +65,6 @@ class CausalSelfAttention(nn.Module):
             attn_mask = attn_mask[:, :, -1:]
         else:
             q, k, v = self.qkv(x).split(h, dim=-1)
-        heads, dim = self.n_heads, h // self.n_heads
         q = q.reshape(b, q.shape[1], heads, dim).transpose(1, 2)
         k, v = (t.reshape(b, length, heads, dim).transpose(1, 2) for t in (k, v))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
@@ -73,7 +77,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.hidden)
-        self.attn = CausalSelfAttention(cfg.hidden, cfg.n_heads)
+        self.attn = CausalSelfAttention(cfg.hidden, cfg.n_heads, cfg.head_dim)
         self.ln2 = nn.LayerNorm(cfg.hidden)
         self.ffn = nn.Sequential(
             nn.Linear(cfg.hidden, cfg.ffn_width),

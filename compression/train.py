@@ -136,8 +136,10 @@ def train(
     log: Callable[[str], None] = print,
     on_eval: EvalHook | None = None,
     input_len: int | None = None,
+    init_model: SASRec | None = None,
 ) -> TrainResult:
-    """Train from scratch; return the model with the best validation NDCG@10.
+    """Train from scratch (or from a copy of `init_model`, e.g. a pruned model to fine-tune;
+    its config must equal `model_cfg`); return the model with the best validation NDCG@10.
 
     `loss_fn(model, inputs, targets)` replaces the label cross-entropy (distillation);
     `on_eval(epoch, valid_metrics)` runs after every validation (adaptive schedules);
@@ -150,7 +152,9 @@ def train(
     device = torch.device(train_cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={train_cfg.device!r} but torch sees no CUDA GPU; use 'cpu'")
-    model = SASRec(model_cfg).to(device)
+    if init_model is not None and init_model.cfg != model_cfg:
+        raise ValueError("init_model.cfg differs from model_cfg")
+    model = (SASRec(model_cfg) if init_model is None else copy.deepcopy(init_model)).to(device)
     loss_fn = loss_fn or sasrec_loss(train_cfg.loss_chunk_rows)
     inputs, targets = training_pairs(split.train, input_len or model_cfg.max_len)
     if not inputs:
