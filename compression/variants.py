@@ -1,0 +1,134 @@
+"""Variants made from a stored model's ONNX graph (INT8, FP16, item-matrix INT8), each
+evaluated with the same full-ranking protocol and published with its parent recorded.
+
+Every variant carries: test HR/NDCG@10/20 measured on the variant itself (ONNX Runtime),
+its NDCG retention and top-10 agreement vs the parent, the parent's parameter count, and
+the bytes of its model file.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from compression.data import Split, leave_one_out
+from compression.evaluate import evaluate_scorer
+from compression.export import check_parity, export_onnx
+from compression.pipeline import PARITY_SEQUENCES, load_model_data, prefixed
+from model_store.manifest import Manifest
+from model_store.store import ModelStore
+
+Transform = Callable[[Path, Path], Any]  # (fp32 onnx, variant onnx) -> anything
+
+
+def _with_counts(manifest: Manifest, folder: Path, split: Split, dst: Path) -> None:
+    """The parent's item mapping, with popularity counts added when it predates them."""
+    from compression.data import read_item_mapping, write_item_mapping
+
+    ids = read_item_mapping(folder / manifest.item_mapping)
+    write_item_mapping(dst, ids, split.item_counts()[1:])
+
+
+def export_stored(store: ModelStore, ref: str) -> Manifest:
+    """Publish a new version of a stored PyTorch model that also carries `model.onnx`
+    (parity-checked) and popularity counts: for models trained before either existed."""
+    from compression.train import load_checkpoint
+
+    manifest, folder = store.load(ref)
+    if "model.pt" not in manifest.artifacts:
+        raise ValueError(f"{ref}: has no PyTorch checkpoint (model.pt) to export")
+    split = leave_one_out(load_model_data(manifest))
+    model = load_checkpoint(folder / "model.pt").eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path, items = Path(tmp) / "model.onnx", Path(tmp) / "items.json"
+        export_onnx(model, onnx_path)
+        histories = split.eval_inputs("test")[0][:PARITY_SEQUENCES]
+        parity = check_parity(model, onnx_path, histories).as_metrics()
+        _with_counts(manifest, folder, split, items)
+        shutil.copy(folder / "model.pt", Path(tmp) / "model.pt")
+        return store.publish(
+            manifest.name,
+            {"model.pt": Path(tmp) / "model.pt", "model.onnx": onnx_path, "items.json": items},
+            kind=manifest.kind,
+            parent=f"{manifest.name}@{manifest.version}",
+            architecture=manifest.architecture,
+            recipe={**manifest.recipe, "exported_from": f"{manifest.name}@{manifest.version}"},
+            dataset=manifest.dataset,
+            metrics={**manifest.metrics, **parity},
+            signature=manifest.signature,
+        )
+
+
+def onnx_scorer(path: Path, threads: int | None = None) -> Callable[[Any], Any]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda batch: session.run(["scores"], {"item_ids": batch})[0]
+
+
+def publish_onnx_variant(
+    store: ModelStore,
+    parent_ref: str,
+    name: str,
+    transform: Transform,
+    *,
+    kind: str,
+    precision: str,
+    recipe: dict[str, Any],
+    log: Callable[[str], None] = print,
+) -> Manifest:
+    """Apply `transform` to the parent's ONNX graph, evaluate the result, publish it."""
+    from compression.export import top_k_agreement
+
+    parent, folder = store.load(parent_ref)
+    if "model.onnx" not in parent.artifacts:
+        raise ValueError(f"{parent_ref}: has no model.onnx; run `recsys export {parent_ref}`")
+    split = leave_one_out(load_model_data(parent))
+    max_len = int(parent.architecture["max_len"])
+    with tempfile.TemporaryDirectory() as tmp:
+        dst, items = Path(tmp) / "model.onnx", Path(tmp) / "items.json"
+        details = transform(folder / "model.onnx", dst)
+        test = evaluate_scorer(onnx_scorer(dst), split, "test", max_len)
+        from compression.data import pad_left
+
+        histories = pad_left(split.eval_inputs("test")[0][:PARITY_SEQUENCES], max_len)
+        agreement = top_k_agreement(onnx_scorer(folder / "model.onnx")(histories),
+                                    onnx_scorer(dst)(histories))  # fmt: skip
+        parent_ndcg = parent.metrics.get("test_ndcg@10")
+        metrics = {
+            **prefixed("test", test),
+            "params": parent.metrics.get("params", 0.0),
+            "model_bytes": float(dst.stat().st_size),
+            "parent_model_bytes": float(parent.artifacts["model.onnx"].size_bytes),
+            "top10_agreement_vs_parent": agreement,
+        }
+        if parent_ndcg:
+            metrics["ndcg_retention_vs_parent"] = test["ndcg@10"] / parent_ndcg
+        teacher_ndcg = parent.metrics.get("teacher_test_ndcg@10")
+        if parent.kind == "teacher":
+            teacher_ndcg = parent_ndcg
+        if teacher_ndcg:
+            metrics["teacher_test_ndcg@10"] = teacher_ndcg
+            metrics["ndcg_retention"] = test["ndcg@10"] / teacher_ndcg
+        log(f"{name}: test ndcg@10 {test['ndcg@10']:.4f} (parent {parent_ndcg}), "
+            f"top-10 agreement {agreement:.4f}, {dst.stat().st_size:,} bytes")  # fmt: skip
+        _with_counts(parent, folder, split, items)
+        extra = details if isinstance(details, dict) else {}
+        return store.publish(
+            name,
+            {"model.onnx": dst, "items.json": items},
+            kind=kind,
+            parent=f"{parent.name}@{parent.version}",
+            architecture=parent.architecture,
+            recipe={**recipe, "data": parent.recipe.get("data", {}), **extra},
+            dataset=parent.dataset,
+            metrics=metrics,
+            signature=parent.signature,
+            formats={"model.onnx": ("onnx", precision)},
+        )

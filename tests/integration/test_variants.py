@@ -1,0 +1,77 @@
+"""ONNX-derived variants: re-export of a stored model; an INT8 variant evaluated and
+published with its parent; nothing published when the transform fails."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from compression.configs import TeacherRecipe
+from compression.pipeline import train_teacher
+from compression.quantize import QuantizeConfig, quantize_dynamic_int8
+from compression.variants import export_stored, publish_onnx_variant
+from model_store.store import ModelStore
+
+DATA = "synthetic:users=300,items=60,max_len=16,min_len=6,seed=3"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
+    store = ModelStore(tmp_path_factory.mktemp("store"))
+    recipe = TeacherRecipe(
+        name="t", data={"path": DATA}, model={"hidden": 32, "max_len": 16, "n_heads": 2},
+        train={"max_epochs": 5, "lr": 5e-3},
+    )  # fmt: skip
+    train_teacher(recipe, store, progress=False, log=lambda _: None)
+    return store
+
+
+def test_export_stored_adds_onnx_and_popularity_to_a_checkpoint_only_model(
+    store: ModelStore,
+) -> None:
+    # A model from before ONNX export and popularity counts: drop both from version 1.
+    m, folder = store.load("t@1")
+    legacy = store.publish(
+        "legacy", {"model.pt": folder / "model.pt", "items.json": folder / "items.json"},
+        kind="teacher", parent=None, architecture=m.architecture, recipe=m.recipe,
+        dataset=m.dataset, metrics=m.metrics,
+    )  # fmt: skip
+    new = export_stored(store, f"{legacy.name}@{legacy.version}")
+    assert new.version == 2 and new.parent == "legacy@1"
+    assert {"model.pt", "model.onnx", "items.json"} <= set(new.artifacts)
+    assert new.metrics["parity_top10_agreement"] == 1.0
+    _, new_folder = store.load("legacy@2")
+    counts = json.loads((new_folder / "items.json").read_text())["counts"]
+    assert len(counts) == m.dataset.n_items and sum(counts) > 0
+
+
+def test_int8_variant_is_evaluated_and_published_with_its_parent(store: ModelStore) -> None:
+    parent, _ = store.load("t@1")
+    cfg = QuantizeConfig(mode="dynamic")
+    m = publish_onnx_variant(
+        store, "t@1", "t-int8", lambda src, dst: quantize_dynamic_int8(src, dst, cfg),
+        kind="quantized", precision="int8", recipe={"quantize": cfg.model_dump()},
+        log=lambda _: None,
+    )  # fmt: skip
+    assert m.parent == "t@1" and m.kind == "quantized"
+    assert m.artifacts["model.onnx"].precision == "int8"
+    assert m.metrics["model_bytes"] < m.metrics["parent_model_bytes"]
+    assert m.metrics["top10_agreement_vs_parent"] > 0.8
+    assert m.metrics["ndcg_retention"] == pytest.approx(
+        m.metrics["test_ndcg@10"] / parent.metrics["test_ndcg@10"]
+    )
+    assert m.recipe["data"]["path"] == DATA  # a variant stays evaluable on its own
+
+
+def test_a_transform_that_fails_publishes_nothing(store: ModelStore) -> None:
+    def broken(src: Path, dst: Path) -> None:
+        shutil.copy(src, dst)
+        raise RuntimeError("quantizer crashed")
+
+    with pytest.raises(RuntimeError, match="quantizer crashed"):
+        publish_onnx_variant(store, "t@1", "t-broken", broken, kind="quantized",
+                             precision="int8", recipe={}, log=lambda _: None)  # fmt: skip
+    assert "t-broken" not in store.names()
