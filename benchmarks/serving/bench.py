@@ -1,7 +1,8 @@
 """HTTP throughput and latency of the service against its peers, measured with `wrk`.
 
-    python -m benchmarks.serving.bench --store /tmp/serve-store --data ../shared/data/ml-1m/ml-1m.txt \
-        --scenario svc-int8=service:student=ml1m-student-int8@latest --scenario bare=bare ...
+    python -m benchmarks.serving.bench --store model_store/models \
+        --data ../shared/data/ml-1m/ml-1m.txt --scenario bare=bare \
+        --scenario int8=service:student=ml1m-student-int8@latest ...
 
 Every server runs pinned to CPU 0 (`taskset`), wrk to CPU 1, on 127.0.0.1; all servers start
 before the first measurement and the scenarios alternate round by round (A B C A B C ...), so
