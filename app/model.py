@@ -83,6 +83,9 @@ class LoadedModel:
         if payload.get("format") != "recsys-item-mapping/1" or len(ids) != self.n_items:
             raise ModelLoadError(f"{path}: not an item mapping for {self.n_items} items")
         self.item_ids: list[int | str] = [_original_id(str(i)) for i in ids]
+        numeric = all(isinstance(i, int) for i in self.item_ids)
+        # int64 when every id is numeric: `.tolist()` then yields Python ints at C speed.
+        self._originals = np.array(self.item_ids, dtype=np.int64 if numeric else object)
         # Request ids are integers; non-numeric catalogue ids are kept for responses only.
         self.to_internal: dict[int | str, int] = {o: i + 1 for i, o in enumerate(self.item_ids)}
         counts = payload.get("counts")
@@ -117,24 +120,39 @@ class LoadedModel:
         return time.perf_counter() - started
 
     def run_batch(self, queries: Sequence[Query]) -> list[Ranked]:
-        """Pad to the smallest length bucket that fits, score, mask, take each top-k."""
+        """Pad to the smallest length bucket that fits, score, mask, take each top-k.
+
+        Masking and top-k are vectorized over the batch: this runs in a worker thread and
+        every Python-level step holds the GIL the event loop needs.
+        """
         length = bucket_for(max(len(q.inputs) for q in queries), self.buckets)
         ids = np.zeros((len(queries), length), dtype=np.int64)
         for row, q in enumerate(queries):
             if len(q.inputs):
                 ids[row, length - len(q.inputs) :] = q.inputs
         scores = self.engine.run(ids)
-        return [self._top_k(scores[row], q) for row, q in enumerate(queries)]
-
-    def _top_k(self, row: np.ndarray, q: Query) -> Ranked:
-        row[0] = -np.inf
-        if q.exclude is not None and len(q.exclude):
-            row[q.exclude] = -np.inf
-        k = min(q.k, self.n_items)
-        top = np.argpartition(-row, k - 1)[:k] if k < len(row) else np.arange(len(row))
-        top = top[np.argsort(-row[top], kind="stable")]
-        top = top[np.isfinite(row[top])]
-        return Ranked([self.item_ids[i - 1] for i in top], row[top].tolist())
+        scores[:, 0] = -np.inf
+        excluded = [q.exclude for q in queries if q.exclude is not None and len(q.exclude)]
+        if excluded:
+            rows = np.repeat(
+                [r for r, q in enumerate(queries) if q.exclude is not None and len(q.exclude)],
+                [len(e) for e in excluded],
+            )
+            scores[rows, np.concatenate(excluded)] = -np.inf
+        k_max = min(max(q.k for q in queries), self.n_items)
+        top = np.argpartition(-scores, k_max - 1, axis=1)[:, :k_max]
+        top_scores = np.take_along_axis(scores, top, axis=1)
+        order = np.argsort(-top_scores, axis=1, kind="stable")
+        top = np.take_along_axis(top, order, axis=1)
+        top_scores = np.take_along_axis(top_scores, order, axis=1)
+        out = []
+        for row, q in enumerate(queries):
+            idx, val = top[row, : q.k], top_scores[row, : q.k]
+            keep = np.isfinite(val)
+            if not keep.all():  # fewer than k items left after masking
+                idx, val = idx[keep], val[keep]
+            out.append(Ranked(self._originals[idx - 1].tolist(), val.tolist()))
+        return out
 
     def popular_top_k(self, k: int, exclude: np.ndarray | None) -> Ranked:
         """The fallback for histories with no known item: most popular items first."""

@@ -284,6 +284,21 @@ def distill(
 
 
 @app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="Stored model with a model.pt: NAME@VERSION.")],
+    store: StoreOpt = Path(DEFAULT_STORE),
+) -> None:
+    """Publish a new version that adds a parity-checked model.onnx and popularity counts."""
+    from compression.variants import export_stored
+
+    m = export_stored(_store(store), model)
+    typer.echo(
+        f"published {m.name}@{m.version} (parent {m.parent}); ONNX top-10 agreement with "
+        f"PyTorch {m.metrics['parity_top10_agreement']:.4f}"
+    )
+
+
+@app.command()
 def demo(
     store: StoreOpt = Path(DEFAULT_STORE),
     data: Annotated[str, typer.Option(help="Data set for the demo.")] = "synthetic",
