@@ -134,9 +134,7 @@ def test_cancelled_requests_are_skipped() -> None:
         rec.gate.set()
         return await asyncio.gather(blocker, kept)
 
-    results, dropped = run(
-        scenario, rec, max_batch_size=8, max_wait_s=0.0, max_inflight_batches=1
-    )
+    results, dropped = run(scenario, rec, max_batch_size=8, max_wait_s=0.0, max_inflight_batches=1)
     assert results == [0, 20]
     assert [1] not in rec.batches and all(1 not in b for b in rec.batches)
     assert dropped == ["cancelled"]
@@ -174,9 +172,7 @@ def test_deadline_is_enforced_in_the_queue_and_during_compute() -> None:
         waiting = asyncio.create_task(b.submit(1, 0.05))  # expires while the engine is busy
         return await asyncio.gather(slow, waiting, return_exceptions=True)
 
-    outcomes, dropped = run(
-        scenario, rec, max_batch_size=1, max_wait_s=0.0, max_inflight_batches=1
-    )
+    outcomes, dropped = run(scenario, rec, max_batch_size=1, max_wait_s=0.0, max_inflight_batches=1)
     assert all(isinstance(o, DeadlineError) for o in outcomes)
     assert rec.batches == [[0]]  # the expired request never reached the engine
     assert dropped.count("deadline") >= 2
