@@ -169,7 +169,12 @@ class SASRec(nn.Module):
         for block in self.blocks[:-1]:
             x = torch.where(valid.unsqueeze(-1), block(x, attn_mask), 0.0)
         last = self.blocks[-1](x, attn_mask, last_only=True)[:, 0]
-        return self.query(self.final_ln(last)) @ self.output_weight.T
+        # With a bias, F.linear exports as Gemm(transB=1) on the very initializer the input
+        # Gather reads; `@ weight.T` (or no bias) made the exporter store a transposed second
+        # copy of the item matrix, doubling the model file.
+        weight = self.output_weight
+        zero_bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        return F.linear(self.query(self.final_ln(last)), weight, zero_bias)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

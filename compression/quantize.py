@@ -841,7 +841,21 @@ def quantize_item_matrix(
 
     out_node = _producers(graph)[OUTPUT_NAME]
     out_matrix: np.ndarray | None = None
-    if out_node.op_type == "MatMul" and out_node.input[1] in floats:
+    out_bias: str | None = None
+    if out_node.op_type == "Gemm" and len(out_node.input) > 1 and out_node.input[1] in floats:
+        # Current exports: Gemm(query, item_matrix, zero bias, transB=1) on the Gather's own
+        # initializer (one copy of the matrix).
+        attrs = {a.name: helper.get_attribute_value(a) for a in out_node.attribute}
+        weight = numpy_helper.to_array(floats[out_node.input[1]])
+        plain = attrs.get("transA", 0) == 0 and attrs.get("alpha", 1.0) == 1.0
+        if plain and attrs.get("transB", 0) == 1 and weight.ndim == 2 and weight.shape[0] == n_rows:
+            out_matrix = weight
+            if len(out_node.input) > 2 and out_node.input[2]:
+                bias_init = inits.get(out_node.input[2])
+                is_zero = bias_init is not None and not numpy_helper.to_array(bias_init).any()
+                if not is_zero or attrs.get("beta", 1.0) != 1.0:
+                    out_bias = out_node.input[2]
+    elif out_node.op_type == "MatMul" and out_node.input[1] in floats:
         weight = numpy_helper.to_array(floats[out_node.input[1]])
         if weight.ndim == 2 and weight.shape[1] == n_rows:
             out_matrix = weight.T
@@ -911,6 +925,7 @@ def quantize_item_matrix(
         elif node is out_node and out_matrix is not None:
             q_name, s_name = out_names
             query, p = node.input[0], f"{node.name}_int8"
+            product = OUTPUT_NAME if out_bias is None else f"{p}_product"
             if output_compute == "int8":
                 # QGemm requires B's zero point: zeros, one per item (symmetric rows).
                 zero_name = f"{q_name}.zero"
@@ -926,7 +941,7 @@ def quantize_item_matrix(
                     helper.make_node(
                         "QGemm",
                         [f"{p}_q", f"{p}_qscale", f"{p}_qzero", q_name, s_name, zero_name],
-                        [OUTPUT_NAME],
+                        [product],
                         name=f"{p}_qgemm",
                         domain=MS_DOMAIN,
                         transB=1,
@@ -938,9 +953,13 @@ def quantize_item_matrix(
                         "DequantizeLinear", [q_name, s_name], [f"{p}_deq"], name=f"{p}_dq", axis=0
                     ),
                     helper.make_node(
-                        "Gemm", [query, f"{p}_deq"], [OUTPUT_NAME], name=f"{p}_gemm", transB=1
+                        "Gemm", [query, f"{p}_deq"], [product], name=f"{p}_gemm", transB=1
                     ),
                 ]
+            if out_bias is not None:
+                nodes.append(
+                    helper.make_node("Add", [product, out_bias], [OUTPUT_NAME], name=f"{p}_bias")
+                )
         else:
             nodes.append(node)
     del graph.node[:]

@@ -21,7 +21,7 @@ from compression.pipeline import PARITY_SEQUENCES, load_model_data, prefixed
 from model_store.manifest import Manifest
 from model_store.store import ModelStore
 
-Transform = Callable[[Path, Path], Any]  # (fp32 onnx, variant onnx) -> anything
+Transform = Callable[[Path, Path, Split], Any]  # (fp32 onnx, variant onnx, data) -> details
 
 
 def _with_counts(manifest: Manifest, folder: Path, split: Split, dst: Path) -> None:
@@ -62,16 +62,6 @@ def export_stored(store: ModelStore, ref: str) -> Manifest:
         )
 
 
-def onnx_scorer(path: Path, threads: int | None = None) -> Callable[[Any], Any]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return lambda batch: session.run(["scores"], {"item_ids": batch})[0]
-
-
 def publish_onnx_variant(
     store: ModelStore,
     parent_ref: str,
@@ -83,8 +73,13 @@ def publish_onnx_variant(
     recipe: dict[str, Any],
     log: Callable[[str], None] = print,
 ) -> Manifest:
-    """Apply `transform` to the parent's ONNX graph, evaluate the result, publish it."""
+    """Apply `transform` to the parent's ONNX graph, evaluate the result, publish it.
+
+    `transform` may return a dict of details (e.g. the nodes adaptive quantization kept in
+    float); they are recorded in the manifest's recipe.
+    """
     from compression.export import top_k_agreement
+    from compression.quantize import onnx_scorer
 
     parent, folder = store.load(parent_ref)
     if "model.onnx" not in parent.artifacts:
@@ -93,7 +88,7 @@ def publish_onnx_variant(
     max_len = int(parent.architecture["max_len"])
     with tempfile.TemporaryDirectory() as tmp:
         dst, items = Path(tmp) / "model.onnx", Path(tmp) / "items.json"
-        details = transform(folder / "model.onnx", dst)
+        details = transform(folder / "model.onnx", dst, split)
         test = evaluate_scorer(onnx_scorer(dst), split, "test", max_len)
         from compression.data import pad_left
 
@@ -132,3 +127,75 @@ def publish_onnx_variant(
             signature=parent.signature,
             formats={"model.onnx": ("onnx", precision)},
         )
+
+
+def quantize_variant(
+    store: ModelStore,
+    parent_ref: str,
+    cfg: Any,
+    *,
+    item_matrix: bool = False,
+    name: str | None = None,
+    adaptive_users: int | None = 2000,
+    log: Callable[[str], None] = print,
+) -> Manifest:
+    """INT8 variant of a stored model: `cfg` is a `QuantizeConfig` (dynamic or static, with
+    or without adaptive node exclusion); `item_matrix` first stores the item matrix as int8
+    with one scale per row. Calibration uses training histories, the adaptive budget is
+    judged on validation users (a seeded sample of `adaptive_users`), and the published
+    metrics on the test users: three disjoint roles."""
+    from compression.quantize import (
+        AdaptiveResult,
+        ndcg_evaluator,
+        quantize_int8,
+        quantize_item_matrix,
+    )
+
+    parent, _ = store.load(parent_ref)
+    max_len = int(parent.architecture["max_len"])
+
+    def transform(src: Path, dst: Path, split: Split) -> dict[str, Any]:
+        details: dict[str, Any] = {"quantize": cfg.model_dump(), "item_matrix_int8": item_matrix}
+        if item_matrix:
+            rows = dst.with_name("rows.onnx")
+            report = quantize_item_matrix(src, rows)
+            details["item_matrix_bytes"] = [report.bytes_before, report.bytes_after]
+            src = rows
+        result = quantize_int8(
+            src,
+            dst,
+            cfg,
+            max_len=max_len,
+            calibration_histories=split.train,
+            scorer_eval=(
+                ndcg_evaluator(split, max_len, users=adaptive_users) if cfg.adaptive else None
+            ),
+            proxy_histories=split.eval_inputs("valid")[0][:256] if cfg.adaptive else None,
+        )
+        if isinstance(result, AdaptiveResult):
+            details["adaptive"] = result.as_manifest()
+        return details
+
+    suffix = f"int8-{cfg.mode}"
+    suffix += ("-adaptive" if cfg.adaptive else "") + ("-rows" if item_matrix else "")
+    return publish_onnx_variant(
+        store, parent_ref, name or f"{parent.name}-{suffix}", transform,
+        kind="quantized", precision="int8", recipe={"variant": suffix}, log=log,
+    )  # fmt: skip
+
+
+def fp16_variant(
+    store: ModelStore, parent_ref: str, name: str | None = None, log: Callable[[str], None] = print
+) -> Manifest:
+    """The graph in float16 with int64 ids in and float32 scores out (for GPU execution)."""
+    from compression.quantize import convert_fp16
+
+    def transform(src: Path, dst: Path, split: Split) -> dict[str, Any]:
+        convert_fp16(src, dst)
+        return {"io_types": "int64 in, float32 out (unchanged)"}
+
+    parent, _ = store.load(parent_ref)
+    return publish_onnx_variant(
+        store, parent_ref, name or f"{parent.name}-fp16", transform,
+        kind="fp16", precision="fp16", recipe={"variant": "fp16"}, log=log,
+    )  # fmt: skip

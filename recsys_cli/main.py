@@ -299,6 +299,49 @@ def export(
 
 
 @app.command()
+def quantize(
+    model: Annotated[str, typer.Argument(help="Stored model with a model.onnx: NAME@VERSION.")],
+    mode: Annotated[str, typer.Option(help="'dynamic', 'static' or 'fp16'.")] = "dynamic",
+    per_channel: Annotated[bool, typer.Option(help="One weight scale per column.")] = False,
+    calibration: Annotated[
+        str, typer.Option(help="Static: 'minmax', 'entropy' or 'percentile'.")
+    ] = "minmax",
+    adaptive: Annotated[
+        bool, typer.Option(help="Keep the most harmful nodes in float until the budget holds.")
+    ] = False,
+    max_ndcg_loss: Annotated[
+        float, typer.Option(help="Adaptive budget: relative validation NDCG@10 loss.")
+    ] = 0.01,
+    item_matrix: Annotated[
+        bool, typer.Option(help="Store the item matrix as int8 with one scale per row first.")
+    ] = False,
+    name: Annotated[str | None, typer.Option(help="Store name of the variant.")] = None,
+    store: StoreOpt = Path(DEFAULT_STORE),
+) -> None:
+    """Publish an INT8 (or FP16) variant of a stored model, evaluated like every model."""
+    from compression.variants import fp16_variant, quantize_variant
+
+    s = _store(store)
+    if mode == "fp16":
+        m = fp16_variant(s, model, name=name)
+    else:
+        fields: dict[str, Any] = {"mode": mode, "per_channel": per_channel,
+                                  "adaptive": adaptive, "max_ndcg_loss": max_ndcg_loss}  # fmt: skip
+        if mode == "static":
+            fields["calibration"] = calibration
+        from compression.quantize import QuantizeConfig
+
+        cfg = _validated(QuantizeConfig, fields)
+        m = quantize_variant(s, model, cfg, item_matrix=item_matrix, name=name)
+    typer.echo(
+        f"published {m.name}@{m.version} (parent {m.parent}): test NDCG@10 "
+        f"{m.metrics['test_ndcg@10']:.4f}, {m.metrics['model_bytes']:,.0f} bytes "
+        f"(parent {m.metrics['parent_model_bytes']:,.0f}), top-10 agreement "
+        f"{m.metrics['top10_agreement_vs_parent']:.3f}"
+    )
+
+
+@app.command()
 def demo(
     store: StoreOpt = Path(DEFAULT_STORE),
     data: Annotated[str, typer.Option(help="Data set for the demo.")] = "synthetic",

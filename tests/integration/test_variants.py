@@ -12,7 +12,12 @@ import pytest
 from compression.configs import TeacherRecipe
 from compression.pipeline import train_teacher
 from compression.quantize import QuantizeConfig, quantize_dynamic_int8
-from compression.variants import export_stored, publish_onnx_variant
+from compression.variants import (
+    export_stored,
+    fp16_variant,
+    publish_onnx_variant,
+    quantize_variant,
+)
 from model_store.store import ModelStore
 
 DATA = "synthetic:users=300,items=60,max_len=16,min_len=6,seed=3"
@@ -52,7 +57,7 @@ def test_int8_variant_is_evaluated_and_published_with_its_parent(store: ModelSto
     parent, _ = store.load("t@1")
     cfg = QuantizeConfig(mode="dynamic")
     m = publish_onnx_variant(
-        store, "t@1", "t-int8", lambda src, dst: quantize_dynamic_int8(src, dst, cfg),
+        store, "t@1", "t-int8", lambda src, dst, split: quantize_dynamic_int8(src, dst, cfg),
         kind="quantized", precision="int8", recipe={"quantize": cfg.model_dump()},
         log=lambda _: None,
     )  # fmt: skip
@@ -67,7 +72,7 @@ def test_int8_variant_is_evaluated_and_published_with_its_parent(store: ModelSto
 
 
 def test_a_transform_that_fails_publishes_nothing(store: ModelStore) -> None:
-    def broken(src: Path, dst: Path) -> None:
+    def broken(src: Path, dst: Path, split: object) -> None:
         shutil.copy(src, dst)
         raise RuntimeError("quantizer crashed")
 
@@ -75,3 +80,40 @@ def test_a_transform_that_fails_publishes_nothing(store: ModelStore) -> None:
         publish_onnx_variant(store, "t@1", "t-broken", broken, kind="quantized",
                              precision="int8", recipe={}, log=lambda _: None)  # fmt: skip
     assert "t-broken" not in store.names()
+
+
+@pytest.mark.parametrize(
+    "cfg, item_matrix",
+    [
+        ({"mode": "static", "calibration": "minmax", "calibration_sequences": 64}, False),
+        ({"mode": "dynamic", "adaptive": True, "max_ndcg_loss": 0.0}, False),
+        ({"mode": "dynamic"}, True),
+    ],
+)
+def test_quantize_variant_records_how_it_was_made(
+    store: ModelStore, cfg: dict, item_matrix: bool
+) -> None:
+    m = quantize_variant(store, "t@1", QuantizeConfig(**cfg), item_matrix=item_matrix,
+                         adaptive_users=None, log=lambda _: None)  # fmt: skip
+    assert m.parent == "t@1" and m.recipe["quantize"]["mode"] == cfg["mode"]
+    assert m.recipe["item_matrix_int8"] is item_matrix
+    assert m.metrics["top10_agreement_vs_parent"] > 0.7
+    if cfg.get("adaptive"):
+        adaptive = m.recipe["adaptive"]
+        # A zero budget is met only by keeping float nodes (or by quantization not hurting).
+        assert adaptive["relative_ndcg_loss"] <= 0.0 or adaptive["kept_float_nodes"]
+    if item_matrix:
+        before, after = m.recipe["item_matrix_bytes"]
+        assert after < before  # tiny model: the item matrix is a small share of the file
+
+
+def test_fp16_variant_keeps_int64_in_and_float32_out(store: ModelStore) -> None:
+    import onnx
+
+    m = fp16_variant(store, "t@1", log=lambda _: None)
+    _, folder = store.load(f"{m.name}@{m.version}")
+    graph = onnx.load(str(folder / "model.onnx")).graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert m.artifacts["model.onnx"].precision == "fp16"
+    assert m.metrics["top10_agreement_vs_parent"] > 0.9
