@@ -199,3 +199,62 @@ def fp16_variant(
         store, parent_ref, name or f"{parent.name}-fp16", transform,
         kind="fp16", precision="fp16", recipe={"variant": "fp16"}, log=log,
     )  # fmt: skip
+
+
+def prune_variant(
+    store: ModelStore,
+    parent_ref: str,
+    cfg: Any,
+    *,
+    name: str | None = None,
+    train_cfg: Any = None,
+    distill_cfg: Any = None,
+    log: Callable[[str], None] = print,
+) -> Manifest:
+    """Structured/magnitude pruning of a stored PyTorch model (`cfg`: `PruneConfig`), with a
+    distillation fine-tune from the unpruned parent; evaluated and published like any model."""
+    import time
+
+    from compression.evaluate import evaluate_model
+    from compression.pipeline import evaluate_and_publish
+    from compression.prune import prune
+    from compression.train import TrainResult, load_checkpoint
+
+    parent, folder = store.load(parent_ref)
+    if "model.pt" not in parent.artifacts:
+        raise ValueError(f"{parent_ref}: has no PyTorch checkpoint (model.pt) to prune")
+    data = load_model_data(parent)
+    split = leave_one_out(data)
+    model = load_checkpoint(folder / "model.pt").eval()
+    started = time.perf_counter()
+    result = prune(model, cfg, split, train_cfg, distill_cfg, log=log)
+    tuned = result.fine_tune
+    trained = tuned or TrainResult(
+        model=result.model.eval(),
+        best_epoch=0,
+        epochs_run=0,
+        wall_s=0.0,
+        best_valid=evaluate_model(result.model, split, "valid"),
+        stopped_by="no_fine_tune",
+    )
+    extra: dict[str, float] = {"parent_params": parent.metrics.get("params", 0.0)}
+    if result.sparsity is not None:
+        extra["sparsity"] = result.sparsity.reached
+        extra["dense_bytes"] = float(result.sparsity.model_dense_bytes)
+        extra["sparse_csr_bytes"] = float(result.sparsity.model_sparse_bytes)
+    teacher_ndcg = parent.metrics.get("teacher_test_ndcg@10") or parent.metrics.get("test_ndcg@10")
+    if teacher_ndcg:
+        extra["teacher_test_ndcg@10"] = teacher_ndcg
+    recipe = {
+        "prune": cfg.model_dump(),
+        "data": parent.recipe.get("data", {}),
+        "removed": [] if result.structured is None else [
+            f"{r.kind} {r.index} of block {r.block}" for r in result.structured.removed
+        ],
+    }  # fmt: skip
+    report = evaluate_and_publish(
+        store, name or f"{parent.name}-pruned", trained, data, split,
+        kind="pruned", parent=f"{parent.name}@{parent.version}", recipe=recipe,
+        wall_s=time.perf_counter() - started, extra_metrics=extra,
+    )  # fmt: skip
+    return report.manifest

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from compression.configs import TeacherRecipe
+from compression.configs import TeacherRecipe, TrainConfig
 from compression.pipeline import train_teacher
 from compression.quantize import QuantizeConfig, quantize_dynamic_int8
 from compression.variants import (
     export_stored,
     fp16_variant,
+    prune_variant,
     publish_onnx_variant,
     quantize_variant,
 )
@@ -117,3 +118,15 @@ def test_fp16_variant_keeps_int64_in_and_float32_out(store: ModelStore) -> None:
     assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert m.artifacts["model.onnx"].precision == "fp16"
     assert m.metrics["top10_agreement_vs_parent"] > 0.9
+
+
+def test_pruned_variant_is_smaller_fine_tuned_and_published(store: ModelStore) -> None:
+    from compression.prune import PruneConfig
+
+    cfg = PruneConfig(heads_keep=1, ffn_keep=0.5, fine_tune_epochs=1, sparsity=0.5)
+    m = prune_variant(store, "t@1", cfg, train_cfg=TrainConfig(lr=5e-3), log=lambda _: None)
+    assert m.parent == "t@1" and m.kind == "pruned" and "model.onnx" in m.artifacts
+    assert m.architecture["n_heads"] == 1 and m.architecture["ffn"] == 16  # hidden 32, ffn = hidden
+    assert m.metrics["params"] < m.metrics["parent_params"]
+    assert m.metrics["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert m.metrics["epochs"] == 1 and m.recipe["removed"]
