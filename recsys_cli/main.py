@@ -477,6 +477,52 @@ def _pairs(values: list[str], flag: str, cast: Any) -> dict[str, Any]:
     return out
 
 
+@app.command()
+def compare(
+    teacher: Annotated[
+        str, typer.Argument(help="Teacher of the family: NAME, NAME@latest or NAME@VERSION.")
+    ],
+    store: StoreOpt = Path(DEFAULT_STORE),
+    out: Annotated[Path, typer.Option(help="Folder for the JSON, markdown and PNG.")] = Path(
+        "benchmarks/results"
+    ),
+    threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads, all models.")] = 2,
+    batch_size: Annotated[
+        list[int] | None, typer.Option("--batch-size", help="Batch size to time (repeatable).")
+    ] = None,
+    repeats_b1: Annotated[int, typer.Option(help="Timed runs per model at batch 1.")] = 200,
+    repeats_b64: Annotated[
+        int, typer.Option(help="Timed runs per model at every batch size above 1.")
+    ] = 50,
+    histories: Annotated[
+        int, typer.Option(help="Test histories for agreement and latency inputs.")
+    ] = 512,
+    all_versions: Annotated[
+        bool, typer.Option(help="Compare every version of a name, not only the newest.")
+    ] = False,
+    stem: Annotated[
+        str | None, typer.Option(help="File name stem; default compare-<name>-<version>.")
+    ] = None,
+) -> None:
+    """Compare a teacher with every stored model made from it: quality, agreement, latency."""
+    from compression.report import compare_family, write_report
+
+    sizes = batch_size or [1, 64]
+    report = compare_family(
+        _store(store),
+        teacher,
+        batch_sizes=sizes,
+        threads=threads,
+        repeats={b: repeats_b1 if b == 1 else repeats_b64 for b in sizes},
+        n_histories=histories,
+        all_versions=all_versions,
+        log=lambda msg: typer.echo(msg, err=True),
+    )
+    paths = write_report(report, out, stem)
+    typer.echo(report.markdown().rstrip())
+    typer.echo(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
+
+
 def main() -> None:
     """Console entry point: one line and exit 2 for every user error, never a traceback."""
     from compression.data import DataError
