@@ -44,6 +44,10 @@ class Metrics:
         self.queue_depth = Gauge(
             "recsys_queue_depth", "Requests waiting per variant", ["variant"], registry=r
         )
+        self.queue_capacity = Gauge(
+            "recsys_queue_capacity", "max_queue_size per variant (for saturation alerts)",
+            ["variant"], registry=r,
+        )  # fmt: skip
         self.rejected = Counter(
             "recsys_rejected", "Requests refused or dropped, by reason (queue_full, deadline, "
             "cancelled, closed)", ["variant", "reason"], registry=r,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import math
 import random
 
 
@@ -25,14 +26,17 @@ class Router:
 
     def set_weights(self, weights: dict[str, float]) -> None:
         """Replace the split; at least one weight must be positive."""
-        if not weights:
-            raise ValueError("no variants to route to")
+        if not weights:  # no variants configured: the service is alive but not ready
+            self.weights, self._names, self._edges = {}, [], []
+            return
         bad = {k: w for k, w in weights.items() if not w >= 0}  # also refuses NaN
         if bad:
             raise ValueError(f"weights must be >= 0, got {bad}")
         total = sum(weights.values())
         if total <= 0:
             raise ValueError(f"at least one weight must be > 0, got {weights}")
+        if not math.isfinite(total):  # 1e308 + 1e308: every share would be 0 or NaN
+            raise ValueError(f"weights must be finite and sum to a finite number, got {weights}")
         names = sorted(weights)
         edges, acc = [], 0.0
         for name in names:
@@ -48,9 +52,9 @@ class Router:
 
     def assign(self, user_id: str, override: str | None = None) -> str:
         """The variant for this user; `override` (header or body) wins when it is known."""
-        if override is not None:
-            if override not in self.weights:
-                raise UnknownVariantError(override, self._names)
+        if override is not None or not self._names:
+            if override is None or override not in self.weights:
+                raise UnknownVariantError(override or "(none configured)", self._names)
             return override
         index = bisect.bisect_right(self._edges, self.slot(user_id))
         # bisect_right skips the empty intervals of zero-weight variants.

@@ -88,6 +88,7 @@ class Service:
             max_queue_size=b.max_queue_size,
             max_inflight_batches=b.max_inflight_batches,
         )
+        m.queue_capacity.labels(name).set(b.max_queue_size)
         batcher = DynamicBatcher(name, model.run_batch, self.executor, config, observer)
         batcher.start()
         return Variant(name, model, batcher)
@@ -133,8 +134,9 @@ class Service:
             loop = asyncio.get_running_loop()
             try:
                 model = await loop.run_in_executor(self.executor, self._load_model, name, ref)
-            except Exception:
+            except Exception as exc:
                 self.metrics.model_loads.labels(name, "failed").inc()
+                log.error("variant %s: reload to %s refused, old version kept: %s", name, ref, exc)
                 raise
             self.metrics.model_loads.labels(name, "ok").inc()
             old = self.variants.get(name)

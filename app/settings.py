@@ -52,7 +52,9 @@ class Settings(BaseSettings):
         None, description="the full model that /v1/compare measures retention against"
     )
     admin_token: SecretStr | None = Field(
-        None, description="bearer token for /admin/*; unset = admin endpoints disabled"
+        None,
+        min_length=16,  # an empty or short token must never switch the admin API on
+        description="bearer token for /admin/*; unset = admin endpoints disabled",
     )
     engine: Literal["auto", "onnxruntime", "tensorrt", "torch"] = "auto"
     intra_op_threads: int = Field(1, ge=1, le=256, description="ONNX Runtime threads/session")

@@ -109,6 +109,12 @@ class SASRec(nn.Module):
         self.final_ln = nn.LayerNorm(cfg.hidden)
         self.out_emb = None if cfg.tied else nn.Embedding(cfg.n_items + 1, emb)
         self.apply(self._init)
+        # Variance-preserving projections: with the generic std 0.02 on top of 0.02 item
+        # vectors, the item signal entered ~50x weaker than the positions and ML-1M
+        # students with emb_dim 16 stayed at popularity level for epochs.
+        if self.in_proj is not None and self.out_proj is not None:
+            nn.init.normal_(self.in_proj.weight, std=emb**-0.5)
+            nn.init.normal_(self.out_proj.weight, std=cfg.hidden**-0.5)
 
     @staticmethod
     def _init(module: nn.Module) -> None:

@@ -15,7 +15,7 @@ from app.main import create_app
 from app.settings import Settings
 from tests.integration.conftest import MAX_LEN, N_ITEMS, reference_scores, wait_ready
 
-TOKEN = "s3cret-token"
+TOKEN = "s3cret-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 

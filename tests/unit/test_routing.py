@@ -40,7 +40,7 @@ def test_override_wins_and_unknown_variant_is_refused() -> None:
 
 @pytest.mark.parametrize(
     "weights, message",
-    [({}, "no variants"), ({"a": 0.0}, "at least one"), ({"a": -1.0}, ">= 0"),
+    [({"a": 0.0}, "at least one"), ({"a": -1.0}, ">= 0"),
      ({"a": float("nan")}, ">= 0")],
 )  # fmt: skip
 def test_bad_weights_are_refused(weights: dict[str, float], message: str) -> None:
@@ -53,3 +53,9 @@ def test_sampling_fraction() -> None:
     hits = sum(router.sample(0.25) for _ in range(10_000))
     assert 2300 < hits < 2700
     assert not any(router.sample(0.0) for _ in range(100))
+
+
+def test_a_router_without_variants_refuses_every_request() -> None:
+    router = Router({}, salt="s")
+    with pytest.raises(UnknownVariantError):
+        router.assign("u1")

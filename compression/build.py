@@ -1,0 +1,216 @@
+"""`recsys build`: one recipe -> teacher, students, compressed variants, evaluation, store,
+report. A step whose result the store already holds (same name, same parent, same settings)
+is reused, so a rerun after a crash or an edit only does what changed.
+
+Recipe (TOML):
+
+    family = "ml1m"
+    fp16 = ["<source>"]    # FP16 graphs (GPU serving); top-level keys come before any table
+    [data]                 # as in a teacher recipe
+    [teacher]              # model = {...}, train = {...}: published as "<family>-teacher"
+    [[students]]           # name, model, train, distill (omit distill: labels only)
+    [[quantize]]           # source (a model name of this build), name, item_matrix, config
+    [[prune]]              # source, name, config = {heads_keep, ffn_keep, ...}, train, distill
+    [compare]              # batch_sizes, threads: the report over the whole family
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from compression.configs import (
+    NAME_PATTERN,
+    DataSpec,
+    DistillConfig,
+    StudentRecipe,
+    TeacherRecipe,
+    TrainConfig,
+    validation_message,
+)
+from model_store.manifest import Manifest
+from model_store.store import ModelStore
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TeacherStep(_Strict):
+    model: dict[str, int | float | bool | None] = Field(default_factory=dict)
+    train: TrainConfig = TrainConfig()
+
+
+class StudentStep(_Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    model: dict[str, int | float | bool | None] = Field(default_factory=dict)
+    train: TrainConfig = TrainConfig()
+    distill: DistillConfig | None = None
+
+
+class QuantizeStep(_Strict):
+    source: str = Field(pattern=NAME_PATTERN, description="a model name of this build")
+    name: str | None = Field(None, pattern=NAME_PATTERN)
+    item_matrix: bool = Field(False, description="int8 item matrix, one scale per row, first")
+    # The rest is a QuantizeConfig (mode, per_channel, calibration, adaptive, ...).
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class PruneStep(_Strict):
+    source: str = Field(pattern=NAME_PATTERN)
+    name: str | None = Field(None, pattern=NAME_PATTERN)
+    config: dict[str, Any] = Field(default_factory=dict)  # a PruneConfig
+    train: TrainConfig = TrainConfig()
+    distill: DistillConfig = DistillConfig(alpha=1.0, temperature=1.0)
+
+
+class CompareStep(_Strict):
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 64])
+    threads: int = Field(2, ge=1)
+    out: str = "benchmarks/results"
+
+
+class BuildRecipe(_Strict):
+    family: str = Field(pattern=NAME_PATTERN)
+    data: DataSpec = DataSpec()
+    teacher: TeacherStep = TeacherStep()
+    students: list[StudentStep] = Field(default_factory=list)
+    quantize: list[QuantizeStep] = Field(default_factory=list)
+    prune: list[PruneStep] = Field(default_factory=list)
+    fp16: list[str] = Field(default_factory=list)
+    compare: CompareStep | None = CompareStep()
+
+
+def load_build_recipe(path: str | Path) -> BuildRecipe:
+    file = Path(path)
+    try:
+        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{file}: recipe not found; pass a file under recipes/") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"{file}: not a readable TOML recipe ({exc})") from None
+    try:
+        recipe = BuildRecipe(**raw)
+        for step in recipe.quantize:
+            _quantize_config(step)
+        for step in recipe.prune:
+            _prune_config(step)
+    except ValidationError as exc:
+        raise ValueError(f"{file}: {validation_message(exc)}") from None
+    return recipe
+
+
+def _quantize_config(step: QuantizeStep) -> Any:
+    from compression.quantize import QuantizeConfig
+
+    return QuantizeConfig(**step.config)
+
+
+def _prune_config(step: PruneStep) -> Any:
+    from compression.prune import PruneConfig
+
+    return PruneConfig(**step.config)
+
+
+def _existing(store: ModelStore, name: str, match: Callable[[Manifest], bool]) -> Manifest | None:
+    """The latest stored version of `name` that `match` accepts."""
+    if name not in store.names():
+        return None
+    for version in sorted(store.versions(name), reverse=True):
+        manifest, _ = store.resolve(f"{name}@{version}")
+        if match(manifest):
+            return manifest
+    return None
+
+
+def _ref(m: Manifest) -> str:
+    return f"{m.name}@{m.version}"
+
+
+def _plain(config: BaseModel) -> dict[str, Any]:
+    """A config as the store keeps it (through JSON: tuples become lists)."""
+    return json.loads(config.model_dump_json())
+
+
+def _without(d: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k not in keys}
+
+
+def run_build(
+    recipe: BuildRecipe,
+    store: ModelStore,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Manifest]:
+    """Every step of the recipe, in order; returns model name -> manifest built or reused."""
+    from compression.pipeline import distill_student, train_teacher
+    from compression.variants import fp16_variant, prune_variant, quantize_variant
+
+    built: dict[str, Manifest] = {}
+
+    def source(name: str) -> str:
+        if name not in built:
+            raise ValueError(f"step source {name!r} is not a model of this build: {sorted(built)}")
+        return _ref(built[name])
+
+    def reuse(name: str, match: Callable[[Manifest], bool]) -> Manifest | None:
+        found = _existing(store, name, match)
+        if found is not None:
+            log(f"{name}: reusing {_ref(found)} from the store")
+        return found
+
+    teacher_recipe = TeacherRecipe(
+        name=f"{recipe.family}-teacher", data=recipe.data, model=recipe.teacher.model,
+        train=recipe.teacher.train,
+    )  # fmt: skip
+    want = teacher_recipe.model_dump()
+    teacher = reuse(teacher_recipe.name, lambda m: _without(m.recipe, "stopped_by") == want)
+    if teacher is None:
+        teacher = train_teacher(teacher_recipe, store, progress, log).manifest
+    built[teacher.name] = teacher
+
+    for step in recipe.students:
+        student = StudentRecipe(
+            name=step.name, teacher=_ref(teacher), model=step.model, train=step.train,
+            distill=step.distill,
+        )  # fmt: skip
+        want_s = student.model_dump()
+        found = reuse(
+            step.name,
+            lambda m, w=want_s: _without(m.recipe, "data", "schedule_events", "stopped_by") == w,  # type: ignore[misc]
+        )
+        built[step.name] = found or distill_student(student, store, progress, log).manifest
+
+    for q in recipe.quantize:
+        cfg = _quantize_config(q)
+        parent = source(q.source)
+        name = q.name or f"{q.source}-int8-{cfg.mode}"
+        found = reuse(name, lambda m, c=cfg, p=parent, q=q: m.parent == p  # type: ignore[misc]
+                      and m.recipe.get("quantize") == _plain(c)
+                      and m.recipe.get("item_matrix_int8") == q.item_matrix)  # fmt: skip
+        built[name] = found or quantize_variant(
+            store, parent, cfg, item_matrix=q.item_matrix, name=name, log=log
+        )
+
+    for p_step in recipe.prune:
+        cfg = _prune_config(p_step)
+        parent = source(p_step.source)
+        name = p_step.name or f"{p_step.source}-pruned"
+        found = reuse(name, lambda m, c=cfg, p=parent: m.parent == p  # type: ignore[misc]
+                      and m.recipe.get("prune") == _plain(c))  # fmt: skip
+        built[name] = found or prune_variant(
+            store, parent, cfg, name=name, train_cfg=p_step.train, distill_cfg=p_step.distill,
+            log=log,
+        )  # fmt: skip
+
+    for src in recipe.fp16:
+        parent = source(src)
+        name = f"{src}-fp16"
+        found = reuse(name, lambda m, p=parent: m.parent == p and m.kind == "fp16")  # type: ignore[misc]
+        built[name] = found or fp16_variant(store, parent, name=name, log=log)
+    return built

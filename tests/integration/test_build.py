@@ -1,0 +1,77 @@
+"""`recsys build`: a whole family from one recipe, and a rerun that reuses every step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from compression.build import BuildRecipe, load_build_recipe, run_build
+from model_store.store import ModelStore
+
+RECIPE = """
+family = "tiny"
+fp16 = ["tiny-teacher"]
+[data]
+path = "synthetic:users=200,items=50,max_len=12,min_len=5,seed=4"
+[teacher]
+model = { hidden = 32, max_len = 12, n_heads = 2 }
+train = { max_epochs = 3, lr = 0.005 }
+[[students]]
+name = "tiny-student"
+model = { hidden = 16, emb_dim = 8, max_len = 8, n_blocks = 1 }
+train = { max_epochs = 2, lr = 0.005 }
+distill = { alpha = 1.0, temperature = 1.0 }
+[[quantize]]
+source = "tiny-student"
+item_matrix = true
+config = { mode = "dynamic" }
+[[prune]]
+source = "tiny-teacher"
+config = { heads_keep = 1, fine_tune_epochs = 1 }
+"""
+
+
+def test_build_publishes_the_family_and_a_rerun_reuses_it(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.toml"
+    path.write_text(RECIPE)
+    recipe = load_build_recipe(path)
+    store = ModelStore(tmp_path / "store")
+    built = run_build(recipe, store, progress=False, log=lambda _: None)
+    assert set(built) == {"tiny-teacher", "tiny-student", "tiny-student-int8-dynamic",
+                          "tiny-teacher-pruned", "tiny-teacher-fp16"}  # fmt: skip
+    assert built["tiny-student"].parent == "tiny-teacher@1"
+    assert built["tiny-student-int8-dynamic"].parent == "tiny-student@1"
+    assert built["tiny-teacher-pruned"].architecture["n_heads"] == 1
+    versions = {name: store.versions(name) for name in store.names()}
+    logs: list[str] = []
+    again = run_build(recipe, store, progress=False, log=logs.append)
+    assert {n: m.version for n, m in again.items()} == {n: m.version for n, m in built.items()}
+    assert {name: store.versions(name) for name in store.names()} == versions
+    assert sum("reusing" in line for line in logs) == 5
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('family = "x"\n[[quantize]]\nsource = "x-teacher"\nconfig = { mode = "fast" }\n', "mode"),
+        ('family = "x"\n[[prune]]\nsource = "a"\nconfig = { heads = 1 }\n', "heads"),
+        ('family = "X Y"\n', "family"),
+        ('family = "x"\nstudents = 3\n', "students"),
+    ],
+)
+def test_bad_build_recipes_name_the_problem(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_build_recipe(path)
+
+
+def test_a_step_with_an_unknown_source_is_refused(tmp_path: Path) -> None:
+    recipe = BuildRecipe(
+        family="tiny", data={"path": "synthetic:users=100,items=30,max_len=8,min_len=4"},
+        teacher={"model": {"hidden": 8, "max_len": 8}, "train": {"max_epochs": 1}},
+        quantize=[{"source": "nobody", "config": {"mode": "dynamic"}}],
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="'nobody' is not a model of this build"):
+        run_build(recipe, ModelStore(tmp_path / "s"), progress=False, log=lambda _: None)
