@@ -341,68 +341,93 @@ def quantize(
     )
 
 
+DEMO_STUDENT = {"max_len": 50, "hidden": 16, "emb_dim": 8, "n_blocks": 1, "dropout": 0.1}
+DEMO_STUDENT_TRAIN = {"max_epochs": 60, "patience": 4, "time_limit_s": 60, "lr": 0.003}
+
+
+def demo_recipe(data: str) -> Any:
+    """The whole job on a small scale: what `recsys build` does with a real recipe."""
+    from compression.build import BuildRecipe
+
+    return BuildRecipe(
+        family="demo",
+        data={"path": data},
+        teacher={
+            "model": {"max_len": 50, "hidden": 64, "n_blocks": 2, "n_heads": 2, "dropout": 0.2},
+            "train": {"max_epochs": 40, "patience": 4, "time_limit_s": 90, "lr": 0.002},
+        },
+        students=[
+            # T = 1, KL only: the best setting tried on this data (T = 2, label mixing and the
+            # reliability rule did worse); the labels-only control is built next to it.
+            {"name": "demo-student", "model": DEMO_STUDENT, "train": DEMO_STUDENT_TRAIN,
+             "distill": {"alpha": 1.0, "temperature": 1.0, "beta": 0.0}},
+            {"name": "demo-student-labels", "model": DEMO_STUDENT, "train": DEMO_STUDENT_TRAIN},
+        ],
+        quantize=[
+            {"source": "demo-teacher", "config": {"mode": "dynamic"}},
+            {"source": "demo-student", "item_matrix": True, "config": {"mode": "dynamic"}},
+        ],
+        prune=[{"source": "demo-teacher", "config": {"blocks_keep": 1, "heads_keep": 1,
+                "fine_tune_epochs": 2}, "train": {"lr": 0.001}}],
+        compare={"batch_sizes": [1, 64], "threads": 2},
+    )  # fmt: skip
+
+
+def _build_and_report(recipe: Any, store: Path, progress: bool, repeats: tuple[int, int]) -> None:
+    from compression.build import run_build
+    from compression.report import compare_family, write_report
+
+    s = _store(store)
+    built = run_build(recipe, s, progress=progress, log=_quiet if progress else typer.echo)
+    typer.echo(f"built {len(built)} models in {store}: {', '.join(sorted(built))}")
+    if recipe.compare is None:
+        return
+    teacher = built[f"{recipe.family}-teacher"]
+    cmp = recipe.compare
+    report = compare_family(
+        s, f"{teacher.name}@{teacher.version}", batch_sizes=cmp.batch_sizes,
+        threads=cmp.threads,
+        repeats={b: repeats[0] if b == 1 else repeats[1] for b in cmp.batch_sizes},
+        log=lambda msg: typer.echo(msg, err=True),
+    )  # fmt: skip
+    paths = write_report(report, cmp.out, f"compare-{recipe.family}")
+    typer.echo(report.markdown().rstrip())
+    typer.echo(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
+
+
+@app.command()
+def build(
+    recipe: Annotated[Path, typer.Option(help="Build recipe TOML (see recipes/ml1m.toml).")],
+    data: Annotated[str | None, typer.Option(help="Override the recipe's data path.")] = None,
+    store: StoreOpt = Path(DEFAULT_STORE),
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    repeats_b1: Annotated[int, typer.Option(help="Report: timed runs at batch 1.")] = 200,
+    repeats_b64: Annotated[int, typer.Option(help="Report: timed runs at larger batches.")] = 50,
+) -> None:
+    """Teacher -> students -> quantized/pruned/FP16 variants -> evaluation -> store -> report,
+    reusing every step the store already holds."""
+    from compression.build import load_build_recipe
+
+    cfg = load_build_recipe(recipe)
+    if data is not None:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": data})})
+    _build_and_report(cfg, store, progress, (repeats_b1, repeats_b64))
+
+
 @app.command()
 def demo(
     store: StoreOpt = Path(DEFAULT_STORE),
     data: Annotated[str, typer.Option(help="Data set for the demo.")] = "synthetic",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """End to end on embedded synthetic data (~1-2 min on 2 cores): teacher, distilled student,
-    labels-only student of the same size, each evaluated with full ranking and published."""
-    from compression.configs import DistillConfig, StudentRecipe, TeacherRecipe
-    from compression.pipeline import distill_student, train_teacher
-
-    model_store = _store(store)
-    teacher = train_teacher(
-        TeacherRecipe(
-            name="demo-teacher",
-            data={"path": data},
-            model={"max_len": 50, "hidden": 64, "n_blocks": 2, "n_heads": 2, "dropout": 0.2},
-            train={"max_epochs": 40, "patience": 4, "time_limit_s": 90, "lr": 0.002},
-        ),
-        model_store,
-        progress=progress,
-        log=_quiet,
-    )
-    ref = f"{teacher.manifest.name}@{teacher.manifest.version}"
-    student_model = {"max_len": 50, "hidden": 16, "emb_dim": 8, "n_blocks": 1, "dropout": 0.1}
-    student_train = {"max_epochs": 60, "patience": 4, "time_limit_s": 60, "lr": 0.003}
-    reports = {"teacher": teacher}
-    for label, distill in (
-        # T = 1, KL only: the best setting tried on this data (T = 2, label mixing and the
-        # reliability rule did worse); the labels-only control is shown next to it.
-        ("student, distilled", DistillConfig(alpha=1.0, temperature=1.0, beta=0.0)),
-        ("student, labels only", None),
-    ):
-        reports[label] = distill_student(
-            StudentRecipe(
-                name="demo-student" if distill else "demo-student-labels",
-                teacher=ref,
-                model=student_model,
-                train=student_train,
-                distill=distill,
-            ),
-            model_store,
-            progress=progress,
-            log=_quiet,
-        )
-    rows = []
-    for label, rep in reports.items():
-        m = rep.manifest
-        rows.append(
-            (
-                f"{m.name}@{m.version} ({label})",
-                rep.test,
-                f"{rep.params:,} params, {rep.epochs} epochs, {rep.wall_s:.0f} s",
-            )
-        )
-    rows.append(("popularity", teacher.popularity_test, "baseline"))
-    _metrics_table(
-        f"demo: test set, full ranking over {teacher.manifest.dataset.n_items:,} items "
-        f"({teacher.manifest.dataset.name})",
-        rows,
-    )
-    typer.echo(f"published to {store}; inspect with: recsys store list --store {store}")
+    """The whole job on embedded synthetic data (a few minutes on 2 cores): teacher, distilled
+    and labels-only students, INT8 and pruned variants, evaluation, store, comparison report."""
+    recipe = demo_recipe(data)
+    # Reports next to the store, not into the repository's committed benchmark results.
+    out = str(Path(store).parent / "reports")
+    recipe = recipe.model_copy(update={"compare": recipe.compare.model_copy(update={"out": out})})
+    _build_and_report(recipe, store, progress, (100, 20))
+    typer.echo(f"inspect with: recsys store list --store {store}")
 
 
 @app.command()

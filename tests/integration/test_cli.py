@@ -137,3 +137,19 @@ def test_train_from_generic_event_csv(monkeypatch, capsys, tmp_path) -> None:
 
     mapping = read_item_mapping(Path(store) / "ev" / "1" / "items.json")
     assert mapping and all(item.startswith("item") for item in mapping)  # the user's own ids
+
+
+@pytest.mark.slow
+def test_demo_builds_the_family_and_writes_the_report(monkeypatch, capsys, tmp_path) -> None:
+    store = tmp_path / "models"
+    code, out, err = run(
+        monkeypatch, capsys, "demo", "--store", str(store), "--no-progress",
+        "--data", "synthetic:users=150,items=40,max_len=12,min_len=5,seed=5",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "built 6 models" in out and "demo-student-int8-dynamic" in out
+    report = json.loads((tmp_path / "reports" / "compare-demo.json").read_text())
+    names = {v["ref"].split("@")[0] for v in report["variants"]}
+    assert {"demo-teacher", "demo-student", "demo-student-int8-dynamic",
+            "demo-teacher-pruned"} <= names  # fmt: skip
+    assert report["batch_sizes"] == [1, 64]
