@@ -140,7 +140,8 @@ class DynamicBatcher(Generic[P, R]):
         live = []
         for item in batch:
             if item.future.done():  # caller gone: its await was cancelled or timed out
-                self.observer.dropped("cancelled")
+                if item.deadline_s > now:  # a timed-out caller was counted as "deadline"
+                    self.observer.dropped("cancelled")
             elif item.deadline_s <= now:
                 item.future.set_exception(DeadlineError("deadline passed in the queue"))
                 self.observer.dropped("deadline")
