@@ -64,6 +64,20 @@ def validation_message(exc: RequestValidationError) -> str:
     return f"{_where(tuple(first.get('loc', ())))}: {first.get('msg', 'invalid')}{more}"
 
 
+def _unparsable(exc: StarletteHTTPException) -> str | None:
+    """Why the body could not be read, for FastAPI's 400 "error parsing the body"."""
+    cause = exc.__cause__
+    if exc.status_code != 400 or cause is None:
+        return None
+    if isinstance(cause, UnicodeDecodeError):
+        return "not UTF-8 text"
+    if isinstance(cause, RecursionError):
+        return "nested too deeply"
+    if isinstance(cause, ValueError):  # e.g. an integer with thousands of digits
+        return "a number is too long"
+    return "cannot be parsed"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> Response:
@@ -84,6 +98,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        why = _unparsable(exc)
+        if why is not None:  # FastAPI's bare 400 for a body json.loads fails on without a position
+            return error_response(422, "invalid_request", f"body is not valid JSON ({why})")
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         message = f"{exc.detail}: {request.method} {request.url.path}"
         return error_response(exc.status_code, code, message, dict(exc.headers or {}))
@@ -99,11 +116,20 @@ def install_error_handlers(app: FastAPI) -> None:
 
 class BodyGuard:
     """413 for bodies over `max_body_bytes` (by header, or counted while streaming), 415 for
-    bodies that do not declare JSON. Runs before FastAPI reads or parses anything."""
+    bodies that do not declare JSON. Runs before FastAPI reads or parses anything.
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    `json_routes`: the (method, path) pairs that take a JSON body; only those get the 415, so
+    a POST to a GET-only path still gets its 405 (None: every POST/PUT/PATCH)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        json_routes: set[tuple[str, str]] | None = None,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.json_routes = json_routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -112,8 +138,15 @@ class BodyGuard:
         headers = dict(scope["headers"])
         length = headers.get(b"content-length")
         limit = self.max_body_bytes
-        if length is not None and (not length.isdigit() or int(length) > limit):
+        if length is not None and not length.isdigit():
+            await self._reject(send, 400, "bad_content_length", "Content-Length is not a number")
+            return
+        if length is not None and int(length) > limit:
             await self._reject(send, 413, "body_too_large", f"body over {limit} bytes")
+            return
+        route = (scope["method"], scope["path"])
+        if self.json_routes is not None and route not in self.json_routes:
+            await self.app(scope, receive, send)  # the router answers 404 or 405
             return
         ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
         if ctype != b"application/json":

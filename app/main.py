@@ -14,6 +14,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 
 from app.api import router
 from app.errors import BodyGuard, install_error_handlers
@@ -48,5 +49,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(router)
     install_error_handlers(app)
-    app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes)
+    json_routes = {  # from the router: FastAPI may wrap included routes in app.routes
+        (method, route.path)
+        for route in router.routes
+        if isinstance(route, APIRoute) and route.body_field is not None
+        for method in route.methods
+    }
+    app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes, json_routes=json_routes)
     return app
