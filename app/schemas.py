@@ -15,8 +15,10 @@ MAX_K = 10_000
 
 
 class RecommendRequest(BaseModel):
+    # strict: a JSON string, float or boolean is never coerced into an id, k or flag.
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={"examples": [{"user_id": "u42", "history": [1193, 661, 914], "k": 10}]},
     )
 
@@ -30,7 +32,7 @@ class RecommendRequest(BaseModel):
 
 
 class BatchRecommendRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     requests: list[RecommendRequest] = Field(min_length=1, max_length=1024)
 
@@ -61,13 +63,24 @@ class ErrorBody(BaseModel):
 
 
 class RoutingUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"examples": [{"weights": {"teacher": 0.9, "student": 0.1}}]},
+    )
 
-    weights: dict[Annotated[str, Field(pattern=VARIANT_PATTERN)], Annotated[float, Field(ge=0)]]
+    weights: dict[
+        Annotated[str, Field(pattern=VARIANT_PATTERN)],
+        Annotated[float, Field(ge=0, allow_inf_nan=False)],
+    ]
 
 
 class ReloadRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"examples": [{"variant": "teacher", "model": "ml1m-teacher@2"}]},
+    )
 
     variant: str = Field(pattern=VARIANT_PATTERN)
     model: str = Field(
