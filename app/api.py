@@ -32,6 +32,7 @@ from app.settings import VARIANT_PATTERN
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
     for code, text in {
+        400: "Content-Length header is not a number",
         404: "unknown variant",
         413: "body too large",
         415: "body is not JSON",
@@ -191,7 +192,7 @@ async def readyz(service: ServiceDep) -> Response:
     return _json({"status": "ready", "variants": sorted(service.variants)})
 
 
-@router.get("/metrics")
+@router.get("/metrics", responses={200: {"content": {"text/plain": {}}}})
 async def metrics(service: ServiceDep) -> Response:
     return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -212,14 +213,19 @@ def require_admin(
 
 
 AdminDep = Depends(require_admin)
+ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    401: {"model": ErrorBody, "description": "missing or wrong bearer token"},
+    404: {"model": ErrorBody, "description": "unknown variant, or admin disabled (no token set)"},
+}
 
 
-@router.get("/admin/routing", dependencies=[AdminDep], responses=ERRORS)
+@router.get("/admin/routing", dependencies=[AdminDep], responses=ADMIN_ERRORS)
 async def get_routing(service: ServiceDep) -> dict[str, Any]:
     return {"weights": service.router.weights, "salt": service.settings.experiment_salt}
 
 
-@router.put("/admin/routing", dependencies=[AdminDep], responses=ERRORS)
+@router.put("/admin/routing", dependencies=[AdminDep], responses=ADMIN_ERRORS)
 async def put_routing(update: RoutingUpdate, service: ServiceDep) -> dict[str, Any]:
     """Replace the traffic split; variants left out get weight 0."""
     unknown = sorted(set(update.weights) - set(service.variants))
@@ -236,7 +242,9 @@ async def put_routing(update: RoutingUpdate, service: ServiceDep) -> dict[str, A
     return {"weights": service.router.weights}
 
 
-@router.post("/admin/reload", dependencies=[AdminDep], responses=ERRORS)
+@router.post("/admin/reload", dependencies=[AdminDep], responses={
+    **ADMIN_ERRORS, 409: {"model": ErrorBody, "description": "reload failed; old version serves"}
+})  # fmt: skip
 async def reload(req: ReloadRequest, service: ServiceDep) -> dict[str, Any]:
     """Swap a variant to another stored version; the old one serves until the new is warm."""
     if req.variant not in service.variants:
