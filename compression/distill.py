@@ -26,9 +26,11 @@ Adaptive strategies (`DistillConfig.strategy`):
   validation NDCG@10, T is multiplied by `temperature_decay` (floored at 1): sharper targets
   to close the last gap. Both rules act at most once per evaluation.
 
-`top_k`: the teacher's K best items per position become the soft targets (renormalized over
-those K for teacher and student alike), so memory per position is bounded by K; the
-label term still uses the full catalogue.
+`top_k`: the teacher's K best items per position become the soft targets, plus one "rest"
+category holding the probability of every other item (K + 1 categories, for teacher and
+student alike; the softmaxes themselves are over the full catalogue), so the targets per
+position are bounded by K + 1 numbers and the student still learns to keep the other items
+low; the L2 term compares the K logits; the label term uses the full catalogue.
 """
 
 from __future__ import annotations
@@ -61,17 +63,27 @@ def distill_terms(
     t = teacher_logits.float()
     ce = F.cross_entropy(s, labels, reduction="none")
     rank = (t > t.gather(1, labels[:, None])).sum(dim=1) if with_rank else None
-    if top_k is not None and top_k < t.shape[1]:
-        top = t.topk(top_k, dim=1).indices
-        s, t = s.gather(1, top), t.gather(1, top)
     log_ps = F.log_softmax(s / temperature, dim=1)
     log_pt = F.log_softmax(t / temperature, dim=1)
+    if top_k is not None and top_k < t.shape[1]:
+        # K + 1 categories: the teacher's K best items and "everything else" as one bucket.
+        # Without the bucket nothing keeps the other items low, and ML-1M students fell
+        # below popularity.
+        top = t.topk(top_k, dim=1).indices
+        s, t = s.gather(1, top), t.gather(1, top)
+        log_ps, log_pt = _with_rest(log_ps.gather(1, top)), _with_rest(log_pt.gather(1, top))
     kl = (log_pt.exp() * (log_pt - log_ps)).sum(dim=1) * temperature**2
     if l2_target == "probs":
         l2 = (F.softmax(s, dim=1) - F.softmax(t, dim=1)).pow(2).mean(dim=1)
     else:
         l2 = (s - t).pow(2).mean(dim=1)
     return kl, l2, ce, rank
+
+
+def _with_rest(log_p_top: Tensor) -> Tensor:
+    """Append log(1 - sum p) of the items outside the top K as one more column."""
+    covered = torch.logsumexp(log_p_top, dim=1, keepdim=True).clamp(max=-1e-6)
+    return torch.cat([log_p_top, torch.log(-torch.expm1(covered))], dim=1)
 
 
 def reliability_weight(rank: Tensor) -> Tensor:

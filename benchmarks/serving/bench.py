@@ -4,7 +4,8 @@
         --data ../shared/data/ml-1m/ml-1m.txt --scenario bare=bare \
         --scenario int8=service:student=ml1m-student-int8@latest ...
 
-Every server runs pinned to CPU 0 (`taskset`), wrk to CPU 1, on 127.0.0.1; all servers start
+Every server runs pinned to `--server-cpus` (default CPU 0), wrk to `--wrk-cpus` (default CPU 1),
+on 127.0.0.1; all servers start
 before the first measurement and the scenarios alternate round by round (A B C A B C ...), so
 slow drifts of this noisy machine hit all of them alike. Request bodies are real: the
 histories of test users of the data set (original item ids, oldest first), k = 10.
@@ -95,8 +96,10 @@ def wait_ready(port: int, body: bytes, timeout_s: float = 120.0) -> None:
     raise SystemExit(f"server on port {port} did not answer within {timeout_s} s")
 
 
-def run_wrk(port: int, bodies: Path, connections: int, duration_s: int) -> dict[str, Any]:
-    cmd = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{duration_s}s",
+def run_wrk(
+    port: int, bodies: Path, connections: int, duration_s: int, cpus: str = "1"
+) -> dict[str, Any]:
+    cmd = ["taskset", "-c", cpus, "wrk", "-t1", f"-c{connections}", f"-d{duration_s}s",
            "--timeout", "5s", "-s", str(LUA), f"http://127.0.0.1:{port}/v1/recommend", "--",
            str(bodies)]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -161,8 +164,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"# Serving benchmark ({meta['date']})",
         "",
         f"wrk, 1 thread, {meta['connections']} connections, {meta['duration_s']} s x "
-        f"{meta['rounds']} alternating rounds per scenario (median shown); server on CPU 0, "
-        f"wrk on CPU 1; bodies: {meta['bodies']} real test-user histories of "
+        f"{meta['rounds']} alternating rounds per scenario (median shown); {meta['cpu']}; "
+        f"bodies: {meta['bodies']} real test-user histories of "
         f"{meta['data']}, k = 10.",
         "",
         "| scenario | req/s | p50 ms | p99 ms | p99/p50 | errors | server p50 ms | server p99 ms |",
@@ -188,6 +191,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--users", type=int, default=2000)
     parser.add_argument("--name", default="serving")
+    parser.add_argument("--server-cpus", default="0", help="taskset list for every server")
+    parser.add_argument("--wrk-cpus", default="1", help="taskset list for wrk")
     args = parser.parse_args()
 
     bodies = Path("/tmp") / f"{args.name}-bodies.jsonl"
@@ -201,15 +206,16 @@ def main() -> None:
         for s in scenarios:
             cmd, env = s.command(args.store)
             log = open(Path("/tmp") / f"{args.name}-{s.label}.log", "w")  # noqa: SIM115
-            s.proc = subprocess.Popen(["taskset", "-c", "0", *cmd], env=env, stdout=log,
-                                      stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+            pinned = ["taskset", "-c", args.server_cpus, *cmd]
+            s.proc = subprocess.Popen(pinned, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True)  # fmt: skip
         for s in scenarios:
             wait_ready(s.port, first_body)
-            run_wrk(s.port, bodies, args.connections, 2)  # warm-up, discarded
+            run_wrk(s.port, bodies, args.connections, 2, args.wrk_cpus)  # warm-up, discarded
         for round_ in range(args.rounds):
             for s in scenarios:
                 before = scrape(s.port)
-                r = run_wrk(s.port, bodies, args.connections, args.duration_s)
+                r = run_wrk(s.port, bodies, args.connections, args.duration_s, args.wrk_cpus)
                 r.update(server_quantiles(before, scrape(s.port)))
                 s.runs.append(r)
                 print(f"round {round_ + 1} {s.label}: {r['rps']:,.0f} req/s, p50 "
@@ -227,7 +233,7 @@ def main() -> None:
         "rounds": args.rounds,
         "bodies": n_bodies,
         "data": args.data.name,
-        "cpu": "server pinned to CPU 0, wrk (1 thread) to CPU 1",
+        "cpu": f"servers on CPUs {args.server_cpus}, wrk (1 thread) on CPUs {args.wrk_cpus}",
     }
     RESULTS.mkdir(exist_ok=True)
     out = {"meta": meta, "scenarios": rows, "runs": {s.label: s.runs for s in scenarios}}

@@ -85,10 +85,24 @@ def test_identical_student_has_zero_teacher_loss() -> None:
 def test_top_k_restricts_soft_targets_to_teacher_best() -> None:
     kl_full, *_ = distill_terms(S, T, LABELS, 1.0)
     kl_top, _, ce_top, _ = distill_terms(S, T, LABELS, 1.0, top_k=2)
-    s0, t0 = S[0, [0, 1]].numpy(), T[0, [0, 1]].numpy()  # teacher's top-2 of row 0
-    pt, ps = softmax(t0), softmax(s0)
+    # Row 0: the teacher's top-2 are items 0 and 1; item 2 goes to the "rest" category.
+    pt_full, ps_full = softmax(T[0].double().numpy()), softmax(S[0].double().numpy())
+    pt = np.array([pt_full[0], pt_full[1], pt_full[2]])
+    ps = np.array([ps_full[0], ps_full[1], ps_full[2]])
     assert kl_top[0].item() == pytest.approx(float((pt * np.log(pt / ps)).sum()), rel=1e-4)
-    assert not torch.allclose(kl_top, kl_full)
+    big_s = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    big_t = torch.randn(4, 50, generator=torch.Generator().manual_seed(1)) * 3
+    labels = torch.tensor([0, 1, 2, 3])
+    kl_k, *_ = distill_terms(big_s, big_t, labels, 1.0, top_k=5)
+    pt5 = torch.softmax(big_t, 1)
+    top = pt5.topk(5, dim=1).indices
+    ps5 = torch.softmax(big_s, 1)
+    cat_t = torch.cat([pt5.gather(1, top), 1 - pt5.gather(1, top).sum(1, keepdim=True)], 1)
+    cat_s = torch.cat([ps5.gather(1, top), 1 - ps5.gather(1, top).sum(1, keepdim=True)], 1)
+    want = (cat_t * (cat_t / cat_s).log()).sum(1)
+    assert kl_k.tolist() == pytest.approx(want.tolist(), rel=1e-4)
+    assert not torch.allclose(kl_k, distill_terms(big_s, big_t, labels, 1.0)[0])
+    assert torch.allclose(kl_top, kl_full)  # 3 items: top-2 + a one-item rest = the full KL
     assert ce_top.tolist() == pytest.approx(by_hand(1.0)[2], rel=1e-6)  # labels: full catalogue
 
 
