@@ -199,7 +199,8 @@ async def metrics(service: ServiceDep) -> Response:
 
 def require_admin(
     service: ServiceDep,
-    authorization: Annotated[str | None, Header(max_length=512)] = None,
+    # No max_length here: an over-long header must be a counted 401, not an uncounted 422.
+    authorization: Annotated[str | None, Header()] = None,
 ) -> None:
     """Bearer token, compared in constant time; no token configured = admin disabled."""
     token = service.settings.admin_token
