@@ -89,7 +89,8 @@ def install_error_handlers(app: FastAPI) -> None:
         extra = {}
         if exc.status >= 500:
             extra["request_id"] = _request_id(request)
-            log.error("request %s: %s (%s)", extra["request_id"], exc.message, exc.__cause__)
+            if exc.status == 500:  # 503/504 are load, not faults: one line each would flood
+                log.error("request %s: %s (%s)", extra["request_id"], exc.message, exc.__cause__)
         return error_response(exc.status, exc.code, exc.message, headers, **extra)
 
     @app.exception_handler(RequestValidationError)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -54,6 +56,8 @@ class Service:
         self.executor = ThreadPoolExecutor(
             max_workers=n_variants * settings.batch.max_inflight_batches + 1,
             thread_name_prefix="inference",
+            initializer=_lower_priority,
+            initargs=(settings.inference_nice,),
         )
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
@@ -208,6 +212,16 @@ class Service:
         self.metrics.shadow_duration.labels(candidate).observe(time.perf_counter() - started)
         agreement = top_k_overlap(served.ranked.items, ranked.items)
         self.metrics.shadow_agreement.labels(served.variant, candidate).observe(agreement)
+
+
+def _lower_priority(nice: int) -> None:
+    """Run inference threads (and the ORT threads they create) below the event loop: under
+    overload the loop must still parse, refuse (429) and answer health checks at once."""
+    if nice > 0 and hasattr(os, "setpriority"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except OSError as exc:  # e.g. a sandbox without setpriority: serve anyway
+            log.warning("could not lower inference thread priority: %s", exc)
 
 
 def top_k_overlap(a: list[int | str], b: list[int | str]) -> float:

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     )
     engine: Literal["auto", "onnxruntime", "tensorrt", "torch"] = "auto"
     intra_op_threads: int = Field(1, ge=1, le=256, description="ONNX Runtime threads/session")
+    inference_nice: int = Field(
+        5, ge=0, le=19, description="nice of inference threads (0 = same as the event loop)"
+    )
     batch: BatchSettings = Field(default_factory=BatchSettings)
     request_timeout_s: float = Field(1.0, gt=0.0, le=60.0)
     default_k: int = Field(10, ge=1)

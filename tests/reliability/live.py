@@ -1,0 +1,112 @@
+"""A real `recsys serve` process and real load generators (wrk, hey) for the load tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def need(*tools: str) -> None:
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (Debian packages; .ci/run installs them)")
+
+
+def get(url: str, timeout_s: float = 2.0) -> tuple[int, Any, bytes]:
+    """Status, headers (case-insensitive `.get`), body."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+def post(
+    url: str, body: dict[str, Any], headers: dict[str, str] | None = None, timeout_s: float = 5
+) -> tuple[int, Any, bytes]:
+    data = json.dumps(body).encode()
+    req = urllib.request.Request(
+        url, data, {"Content-Type": "application/json", **(headers or {})}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+@contextmanager
+def serve(store: Path, env: dict[str, str], args: list[str]) -> Iterator[tuple[str, int]]:
+    """Start `recsys serve` on a free port; yields (base url, pid); stops it afterwards."""
+    port = free_port()
+    full_env = {**os.environ, "RECSYS_STORE": str(store), "RECSYS_LOG_LEVEL": "warning", **env}
+    cmd = [sys.executable, "-m", "recsys_cli.main", "serve", "--port", str(port), *args]
+    # A file, not a pipe: nobody drains a pipe during the load, and a full pipe blocks the
+    # server's logging, and with it the event loop.
+    log = tempfile.NamedTemporaryFile("w+", prefix="recsys-serve-", suffix=".log")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise AssertionError(f"server exited: {log.read()[-2000:]}")
+            try:
+                if get(f"{base}/readyz", 1)[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        else:
+            raise AssertionError("server not ready within 60 s")
+        yield base, proc.pid
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def rss_bytes(pid: int) -> int:
+    text = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1)) * 1024  # type: ignore[union-attr]
+
+
+def wrk(url: str, body_file: Path, connections: int, duration_s: float, script: Path,
+        timeout_s: float = 5.0) -> dict[str, Any]:  # fmt: skip
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{round(duration_s)}s", "--timeout",
+           f"{round(timeout_s)}s", "-s", str(script), url, "--", str(body_file)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=duration_s + 60)
+    match = re.search(r"WRK_JSON (\{.*\})", out.stdout)
+    assert match, out.stdout + out.stderr
+    result = json.loads(match.group(1))
+    result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
+    return result
