@@ -205,6 +205,12 @@ class ModelStore:
     def resolve(self, ref: str) -> tuple[Manifest, Path]:
         """Manifest and folder for 'name', 'name@latest' or 'name@<version>' (no checksums)."""
         name, wanted = _parse_ref(ref)
+        if not self.root.is_dir():
+            what = "is not a directory" if self.root.exists() else "does not exist"
+            raise StoreError(
+                f"model store {self.root} {what}; point --store / RECSYS_STORE at the folder "
+                "models were published to"
+            )
         versions = self.versions(name)
         if not versions:
             known = ", ".join(self.names()) or "none"

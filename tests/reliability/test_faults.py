@@ -384,8 +384,9 @@ def test_a_store_that_appears_later_is_picked_up(
         assert r.status_code == 503
         reason = r.json()["error"]
         assert "variant 'full'" in reason and "variant 'small'" in reason
-        assert "unknown model 'tiny'" in reason
-        assert "variant full: tiny@1: cannot be served: unknown model 'tiny'" in caplog.text
+        what = "is not a directory" if kind == "not_a_directory" else "does not exist"
+        assert f"model store {root} {what}" in reason
+        assert f"variant full: tiny@1: cannot be served: model store {root} {what}" in caplog.text
         assert metric(c, "recsys_ready") == 0
 
         if kind == "not_a_directory":
