@@ -139,19 +139,28 @@ def find_family(
             f"{t_ref}: has no {ONNX_FILE} to compare against; run `recsys export {t_ref}`"
         )
     by_ref = {_ref(m): m for m in store.list()}
+    # `recsys export` republishes a checkpoint-only teacher with its ONNX graph: the same
+    # weights under a new version, so models distilled from the old version belong here too.
+    same_weights = {t_ref}
+    origin: Manifest | None = teacher
+    while (
+        origin is not None and origin.parent and origin.recipe.get("exported_from") == origin.parent
+    ):
+        same_weights.add(origin.parent)
+        origin = by_ref.get(origin.parent)
 
     def leads_to_teacher(m: Manifest) -> bool:
         seen = {_ref(m)}
         parent = m.parent
         while parent is not None and parent not in seen:
-            if parent == t_ref:
+            if parent in same_weights:
                 return True
             seen.add(parent)
             up = by_ref.get(parent)
             parent = up.parent if up is not None else None
         return False
 
-    members = [m for r, m in by_ref.items() if r != t_ref and leads_to_teacher(m)]
+    members = [m for r, m in by_ref.items() if r not in same_weights and leads_to_teacher(m)]
     skipped: list[dict[str, str]] = []
     with_onnx = []
     for m in members:

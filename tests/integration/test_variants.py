@@ -130,3 +130,23 @@ def test_pruned_variant_is_smaller_fine_tuned_and_published(store: ModelStore) -
     assert m.metrics["params"] < m.metrics["parent_params"]
     assert m.metrics["sparsity"] == pytest.approx(0.5, abs=0.01)
     assert m.metrics["epochs"] == 1 and m.recipe["removed"]
+
+
+def test_models_of_a_re_exported_teacher_stay_in_its_family(store: ModelStore) -> None:
+    from compression.report import find_family
+
+    m, folder = store.load("t@1")
+    legacy = store.publish(
+        "old", {"model.pt": folder / "model.pt", "items.json": folder / "items.json"},
+        kind="teacher", parent=None, architecture=m.architecture, recipe=m.recipe,
+        dataset=m.dataset, metrics=m.metrics,
+    )  # fmt: skip
+    student = store.publish(  # distilled from the checkpoint-only version
+        "old-student", {"model.onnx": folder / "model.onnx", "items.json": folder / "items.json"},
+        kind="student", parent=f"old@{legacy.version}", architecture=m.architecture,
+        recipe=m.recipe, dataset=m.dataset, metrics=m.metrics,
+    )  # fmt: skip
+    exported = export_stored(store, f"old@{legacy.version}")
+    teacher, members, _ = find_family(store, f"old@{exported.version}")
+    assert teacher.version == exported.version
+    assert [f"{x.name}@{x.version}" for x in members] == [f"old-student@{student.version}"]
