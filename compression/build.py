@@ -42,13 +42,14 @@ class _Strict(BaseModel):
 
 
 class TeacherStep(_Strict):
-    model: dict[str, int | float | bool | None] = Field(default_factory=dict)
+    name: str | None = Field(None, pattern=NAME_PATTERN, description="default <family>-teacher")
+    model: dict[str, int | float | bool | str | None] = Field(default_factory=dict)
     train: TrainConfig = TrainConfig()
 
 
 class StudentStep(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
-    model: dict[str, int | float | bool | None] = Field(default_factory=dict)
+    model: dict[str, int | float | bool | str | None] = Field(default_factory=dict)
     train: TrainConfig = TrainConfig()
     distill: DistillConfig | None = None
 
@@ -141,6 +142,19 @@ def _without(d: dict[str, Any], *keys: str) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k not in keys}
 
 
+def _with_onnx(store: ModelStore, m: Manifest, log: Callable[[str], None]) -> Manifest:
+    """`m`, or its ONNX re-export (made now if missing) when `m` predates ONNX export."""
+    from compression.variants import export_stored
+
+    if "model.onnx" in m.artifacts:
+        return m
+    found = _existing(store, m.name, lambda x: x.recipe.get("exported_from") == _ref(m))
+    if found is None:
+        found = export_stored(store, _ref(m))
+        log(f"{m.name}: exported {_ref(m)} to ONNX as {_ref(found)}")
+    return found
+
+
 def run_build(
     recipe: BuildRecipe,
     store: ModelStore,
@@ -165,26 +179,34 @@ def run_build(
         return found
 
     teacher_recipe = TeacherRecipe(
-        name=f"{recipe.family}-teacher", data=recipe.data, model=recipe.teacher.model,
+        name=recipe.teacher.name or f"{recipe.family}-teacher", data=recipe.data,
+        model=recipe.teacher.model,
         train=recipe.teacher.train,
     )  # fmt: skip
     want = teacher_recipe.model_dump()
-    teacher = reuse(teacher_recipe.name, lambda m: _without(m.recipe, "stopped_by") == want)
-    if teacher is None:
-        teacher = train_teacher(teacher_recipe, store, progress, log).manifest
+    trained = reuse(teacher_recipe.name, lambda m: _without(m.recipe, "stopped_by") == want)
+    if trained is None:
+        trained = train_teacher(teacher_recipe, store, progress, log).manifest
+    teacher = _with_onnx(store, trained, log)
     built[teacher.name] = teacher
+    # Students distilled from the checkpoint-only version count as students of its export.
+    teacher_refs = {_ref(trained), _ref(teacher)}
 
     for step in recipe.students:
         student = StudentRecipe(
             name=step.name, teacher=_ref(teacher), model=step.model, train=step.train,
             distill=step.distill,
         )  # fmt: skip
-        want_s = student.model_dump()
-        found = reuse(
-            step.name,
-            lambda m, w=want_s: _without(m.recipe, "data", "schedule_events", "stopped_by") == w,  # type: ignore[misc]
-        )
-        built[step.name] = found or distill_student(student, store, progress, log).manifest
+        want_s = _without(student.model_dump(), "teacher")
+
+        def same_student(m: Manifest, w: dict[str, Any] = want_s) -> bool:
+            mine = _without(m.recipe, "data", "schedule_events", "stopped_by", "teacher")
+            return m.recipe.get("teacher") in teacher_refs and mine == w
+
+        found = reuse(step.name, same_student)
+        if found is None:
+            found = distill_student(student, store, progress, log).manifest
+        built[step.name] = _with_onnx(store, found, log)
 
     for q in recipe.quantize:
         cfg = _quantize_config(q)

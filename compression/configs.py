@@ -116,7 +116,7 @@ class DataSpec(_Strict):
 class _ModelRecipe(_Strict):
     """A recipe with model sizes but without `n_items`, which comes from the data."""
 
-    model: dict[str, int | float | bool | None] = Field(default_factory=dict)
+    model: dict[str, int | float | bool | str | None] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _model_fields_valid(self) -> _ModelRecipe:

@@ -382,7 +382,7 @@ def _build_and_report(recipe: Any, store: Path, progress: bool, repeats: tuple[i
     typer.echo(f"built {len(built)} models in {store}: {', '.join(sorted(built))}")
     if recipe.compare is None:
         return
-    teacher = built[f"{recipe.family}-teacher"]
+    teacher = built[recipe.teacher.name or f"{recipe.family}-teacher"]
     cmp = recipe.compare
     report = compare_family(
         s, f"{teacher.name}@{teacher.version}", batch_sizes=cmp.batch_sizes,

@@ -75,3 +75,22 @@ def test_a_step_with_an_unknown_source_is_refused(tmp_path: Path) -> None:
     )  # fmt: skip
     with pytest.raises(ValueError, match="'nobody' is not a model of this build"):
         run_build(recipe, ModelStore(tmp_path / "s"), progress=False, log=lambda _: None)
+
+
+def test_a_checkpoint_only_teacher_is_exported_once_and_then_reused(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.toml"
+    path.write_text(RECIPE.split("[[students]]")[0])  # teacher (and fp16) only
+    recipe = load_build_recipe(path)
+    store = ModelStore(tmp_path / "store")
+    first = run_build(recipe, store, progress=False, log=lambda _: None)["tiny-teacher"]
+    _, folder = store.load("tiny-teacher@1")
+    legacy = store.publish(  # the same training run, as published before ONNX export existed
+        "tiny-teacher", {"model.pt": folder / "model.pt", "items.json": folder / "items.json"},
+        kind="teacher", parent=None, architecture=first.architecture, recipe=first.recipe,
+        dataset=first.dataset, metrics=first.metrics,
+    )  # fmt: skip
+    second = run_build(recipe, store, progress=False, log=lambda _: None)["tiny-teacher"]
+    assert second.recipe["exported_from"] == f"tiny-teacher@{legacy.version}"
+    assert "model.onnx" in second.artifacts
+    third = run_build(recipe, store, progress=False, log=lambda _: None)["tiny-teacher"]
+    assert third.version == second.version  # the export is reused, not repeated

@@ -39,7 +39,7 @@ def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *ar
         (["serve", "--variant", "a=m@1", "--weight", "b=1"], "weights name unknown variants"),
         (["serve", "--variant", "a=m@1", "--weight", "a=x"], "'x' is not a valid value"),
         (["serve", "--variant", "a=m@1", "--max-wait-s", "-1"], "settings.batch.max_wait_s"),
-        (["export", "nothing@1"], "nothing"),
+        (["export", "nothing@1"], "does not exist; point --store"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(monkeypatch, capsys, tmp_path, args, expected) -> None:
