@@ -63,7 +63,6 @@ class Settings(BaseSettings):
     )
     batch: BatchSettings = Field(default_factory=BatchSettings)
     request_timeout_s: float = Field(1.0, gt=0.0, le=60.0)
-    default_k: int = Field(10, ge=1)
     max_k: int = Field(1000, ge=1)
     max_history_len: int = Field(10_000, ge=1, description="longer histories are refused (422)")
     max_batch_requests: int = Field(256, ge=1, description="users per /v1/recommend/batch call")
@@ -94,8 +93,6 @@ class Settings(BaseSettings):
             name = getattr(self, field)
             if name is not None and name not in self.variants:
                 raise ValueError(f"{field} {name!r} is not a variant; known: {self.known}")
-        if self.default_k > self.max_k:
-            raise ValueError(f"default_k {self.default_k} > max_k {self.max_k}")
         return self
 
     @property
