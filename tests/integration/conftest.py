@@ -62,15 +62,18 @@ def publish_tiny(store: ModelStore, name: str, seed: int, hidden: int = 16) -> N
     )
 
 
-@pytest.fixture(scope="session")
-def serving_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`tiny@1`, `tiny@2` (other weights) and `tiny-small@1` (smaller student)."""
-    root = tmp_path_factory.mktemp("store")
+def tiny_store(root: Path) -> Path:
+    """`tiny@1`, `tiny@2` (other weights) and `tiny-small@1` (smaller student) in `root`."""
     store = ModelStore(root)
     publish_tiny(store, "tiny", seed=0)
     publish_tiny(store, "tiny", seed=1)
     publish_tiny(store, "tiny-small", seed=2, hidden=8)
     return root
+
+
+@pytest.fixture(scope="session")
+def serving_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_store(tmp_path_factory.mktemp("store"))
 
 
 def wait_ready(client: TestClient, timeout_s: float = 20.0) -> dict:

@@ -11,8 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.settings import Settings
-from model_store import ModelStore
-from tests.integration.conftest import publish_tiny
+from tests.integration.conftest import tiny_store
 
 TOKEN = "rel-t0ken-9f8e7d6c5b4a"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -21,12 +20,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 @pytest.fixture(scope="session")
 def rel_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`tiny@1`, `tiny@2` and `tiny-small@1`; read-only for the tests that share it."""
-    root = tmp_path_factory.mktemp("rel-store")
-    store = ModelStore(root)
-    publish_tiny(store, "tiny", seed=0)
-    publish_tiny(store, "tiny", seed=1)
-    publish_tiny(store, "tiny-small", seed=2, hidden=8)
-    return root
+    return tiny_store(tmp_path_factory.mktemp("rel-store"))
 
 
 @pytest.fixture

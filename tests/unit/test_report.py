@@ -4,7 +4,6 @@ the three output files, and the `recsys compare` CLI (tiny models, a handful of 
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from compression.report import (
 )
 from compression.variants import quantize_variant
 from model_store.store import ModelStore
-from recsys_cli.main import main
+from tests.integration.test_cli import run
 
 DATA = "synthetic:users=200,items=50,max_len=12,min_len=5,seed=1"
 
@@ -187,15 +186,7 @@ def test_write_report_writes_json_markdown_and_png(tmp_path: Path) -> None:
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str):
-    monkeypatch.setattr(sys, "argv", ["recsys", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+_cli = run  # the CLI runner of the CLI tests
 
 
 def test_cli_unknown_teacher_exits_2_with_one_line(monkeypatch, capsys, store) -> None:
