@@ -149,6 +149,14 @@ class BodyGuard:
         if self.json_routes is not None and route not in self.json_routes:
             await self.app(scope, receive, send)  # the router answers 404 or 405
             return
+        if scope["path"].startswith("/v1/recommend") and self._saturated(scope):
+            # Refused before the body is read or parsed: under overload, parsing the excess
+            # would take the CPU that the accepted requests and health checks need.
+            await self._reject(
+                send, 429, "overloaded", "every variant's queue is full; retry later",
+                [(b"retry-after", b"1")],
+            )  # fmt: skip
+            return
         ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
         if ctype != b"application/json":
             await self._reject(
@@ -182,7 +190,24 @@ class BodyGuard:
         await self.app(scope, replay, send)
 
     @staticmethod
-    async def _reject(send: Send, status: int, code: str, message: str) -> None:
+    def _saturated(scope: Scope) -> bool:
+        state = getattr(scope.get("app"), "state", None)
+        service = getattr(state, "service", None)
+        if service is None:
+            return False
+        if service.saturated():
+            service.metrics.rejected.labels("none", "queue_full").inc()
+            return True
+        return False
+
+    @staticmethod
+    async def _reject(
+        send: Send,
+        status: int,
+        code: str,
+        message: str,
+        extra_headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         body = orjson.dumps({"error": message, "code": code})
         await send(
             {
@@ -191,6 +216,7 @@ class BodyGuard:
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
+                    *(extra_headers or []),
                 ],
             }
         )

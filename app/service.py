@@ -66,6 +66,11 @@ class Service:
     def ready(self) -> bool:
         return self.not_ready_reason is None
 
+    def saturated(self) -> bool:
+        """Every variant's queue is full: a request would be refused wherever it went."""
+        cap = self.settings.batch.max_queue_size
+        return bool(self.variants) and all(v.batcher.depth >= cap for v in self.variants.values())
+
     # -- loading ---------------------------------------------------------------------------
 
     def _load_model(self, name: str, ref: str) -> LoadedModel:

@@ -269,3 +269,35 @@ def test_an_unreadable_store_keeps_the_process_alive_but_not_ready(tmp_path: Pat
         r = c.post("/v1/recommend", json={"user_id": "u", "history": [1]})
         assert r.status_code == 503 and error_of(r)["code"] == "not_ready"
         assert "recsys_ready 0.0" in c.get("/metrics").text
+
+
+def test_saturated_queues_refuse_before_the_body_is_parsed(client: TestClient) -> None:
+    service = client.app.state.service  # type: ignore[attr-defined]
+    service.saturated = lambda: True
+    r = client.post("/v1/recommend", content=b"{not even json", headers={"content-type":
+                    "application/json"})  # fmt: skip
+    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    assert error_of(r)["code"] == "overloaded"
+    assert client.get("/healthz").status_code == 200  # only recommendations are refused
+    assert (
+        'recsys_rejected_total{reason="queue_full",variant="none"} 1.0'
+        in client.get("/metrics").text
+    )
+    del service.saturated
+    assert recommend(client, history=[1001])["source"] == "model"
+
+
+def test_a_full_queue_answers_429_with_retry_after(client: TestClient) -> None:
+    from app.batching import QueueFullError
+
+    service = client.app.state.service  # type: ignore[attr-defined]
+    batcher = service.variants["full"].batcher
+
+    async def full(*args: object, **kwargs: object) -> None:
+        raise QueueFullError("full", 2.0)
+
+    batcher.submit = full
+    r = client.post("/v1/recommend", json={"user_id": "u", "history": [1001], "variant": "full"})
+    assert r.status_code == 429 and r.headers["retry-after"] == "2"
+    assert error_of(r)["code"] == "overloaded"
+    del batcher.submit
