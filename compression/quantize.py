@@ -783,6 +783,19 @@ class ItemMatrixReport:
     output_compute: str
 
 
+def _constant_value(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
+    """The value of `name` when it is an initializer or the output of a Constant node."""
+    for init in graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    return numpy_helper.to_array(attr.t)
+    return None
+
+
 def quantize_rows(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 per row: scale = max|row| / 127, values in [-127, 127].
 
@@ -851,8 +864,8 @@ def quantize_item_matrix(
         if plain and attrs.get("transB", 0) == 1 and weight.ndim == 2 and weight.shape[0] == n_rows:
             out_matrix = weight
             if len(out_node.input) > 2 and out_node.input[2]:
-                bias_init = inits.get(out_node.input[2])
-                is_zero = bias_init is not None and not numpy_helper.to_array(bias_init).any()
+                bias = _constant_value(graph, out_node.input[2])
+                is_zero = bias is not None and not bias.any()
                 if not is_zero or attrs.get("beta", 1.0) != 1.0:
                     out_bias = out_node.input[2]
     elif out_node.op_type == "MatMul" and out_node.input[1] in floats:
