@@ -6,6 +6,7 @@ Recipe (TOML):
 
     family = "ml1m"
     fp16 = ["<source>"]    # FP16 graphs (GPU serving); top-level keys come before any table
+    context = [{source = "<name>", max_len = 50}]   # read only the most recent items
     [data]                 # as in a teacher recipe
     [teacher]              # model = {...}, train = {...}: published as "<family>-teacher"
     [[students]]           # name, model, train, distill (omit distill: labels only)
@@ -70,6 +71,12 @@ class PruneStep(_Strict):
     distill: DistillConfig = DistillConfig(alpha=1.0, temperature=1.0)
 
 
+class ContextStep(_Strict):
+    source: str = Field(pattern=NAME_PATTERN)
+    max_len: int = Field(ge=1, description="most recent items the variant reads")
+    name: str | None = Field(None, pattern=NAME_PATTERN)
+
+
 class CompareStep(_Strict):
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 64])
     threads: int = Field(2, ge=1)
@@ -84,6 +91,7 @@ class BuildRecipe(_Strict):
     quantize: list[QuantizeStep] = Field(default_factory=list)
     prune: list[PruneStep] = Field(default_factory=list)
     fp16: list[str] = Field(default_factory=list)
+    context: list[ContextStep] = Field(default_factory=list)
     compare: CompareStep | None = CompareStep()
 
 
@@ -163,7 +171,12 @@ def run_build(
 ) -> dict[str, Manifest]:
     """Every step of the recipe, in order; returns model name -> manifest built or reused."""
     from compression.pipeline import distill_student, train_teacher
-    from compression.variants import fp16_variant, prune_variant, quantize_variant
+    from compression.variants import (
+        context_variant,
+        fp16_variant,
+        prune_variant,
+        quantize_variant,
+    )
 
     built: dict[str, Manifest] = {}
 
@@ -235,4 +248,10 @@ def run_build(
         name = f"{src}-fp16"
         found = reuse(name, lambda m, p=parent: m.parent == p and m.kind == "fp16")  # type: ignore[misc]
         built[name] = found or fp16_variant(store, parent, name=name, log=log)
+    for c in recipe.context:  # after the others: a context step may shorten any of them
+        parent = source(c.source)
+        name = c.name or f"{c.source}-ctx{c.max_len}"
+        found = reuse(name, lambda m, p=parent, n=c.max_len: m.parent == p  # type: ignore[misc]
+                      and m.recipe.get("context") == n)  # fmt: skip
+        built[name] = found or context_variant(store, parent, c.max_len, name=name, log=log)
     return built

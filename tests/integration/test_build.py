@@ -12,6 +12,7 @@ from model_store.store import ModelStore
 RECIPE = """
 family = "tiny"
 fp16 = ["tiny-teacher"]
+context = [{ source = "tiny-student-int8-dynamic", max_len = 4 }]
 [data]
 path = "synthetic:users=200,items=50,max_len=12,min_len=5,seed=4"
 [teacher]
@@ -39,7 +40,11 @@ def test_build_publishes_the_family_and_a_rerun_reuses_it(tmp_path: Path) -> Non
     store = ModelStore(tmp_path / "store")
     built = run_build(recipe, store, progress=False, log=lambda _: None)
     assert set(built) == {"tiny-teacher", "tiny-student", "tiny-student-int8-dynamic",
-                          "tiny-teacher-pruned", "tiny-teacher-fp16"}  # fmt: skip
+                          "tiny-teacher-pruned", "tiny-teacher-fp16",
+                          "tiny-student-int8-dynamic-ctx4"}  # fmt: skip
+    ctx = built["tiny-student-int8-dynamic-ctx4"]
+    assert ctx.architecture["max_len"] == 4 and ctx.artifacts["model.onnx"].precision == "int8"
+    assert ctx.parent == "tiny-student-int8-dynamic@1" and ctx.recipe["context"] == 4
     assert built["tiny-student"].parent == "tiny-teacher@1"
     assert built["tiny-student-int8-dynamic"].parent == "tiny-student@1"
     assert built["tiny-teacher-pruned"].architecture["n_heads"] == 1
@@ -48,7 +53,7 @@ def test_build_publishes_the_family_and_a_rerun_reuses_it(tmp_path: Path) -> Non
     again = run_build(recipe, store, progress=False, log=logs.append)
     assert {n: m.version for n, m in again.items()} == {n: m.version for n, m in built.items()}
     assert {name: store.versions(name) for name in store.names()} == versions
-    assert sum("reusing" in line for line in logs) == 5
+    assert sum("reusing" in line for line in logs) == 6
 
 
 @pytest.mark.parametrize(
@@ -79,7 +84,10 @@ def test_a_step_with_an_unknown_source_is_refused(tmp_path: Path) -> None:
 
 def test_a_checkpoint_only_teacher_is_exported_once_and_then_reused(tmp_path: Path) -> None:
     path = tmp_path / "tiny.toml"
-    path.write_text(RECIPE.split("[[students]]")[0])  # teacher (and fp16) only
+    teacher_only = RECIPE.split("[[students]]")[0].replace(
+        'context = [{ source = "tiny-student-int8-dynamic", max_len = 4 }]', ""
+    )
+    path.write_text(teacher_only)  # teacher (and fp16) only
     recipe = load_build_recipe(path)
     store = ModelStore(tmp_path / "store")
     first = run_build(recipe, store, progress=False, log=lambda _: None)["tiny-teacher"]
