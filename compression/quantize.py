@@ -540,7 +540,58 @@ def _quantize_file(
                 _ort_quantize(pre, tmp, cfg, calibration_cache=cache)
             except Exception as exc:
                 raise QuantizeError(f"{src}: ONNX Runtime quantization failed ({exc})") from None
+            _reshare_item_matrix(tmp)
     return describe(dst)
+
+
+def _reshare_item_matrix(path: Path) -> None:
+    """Undo the copy ORT's quantizers make of a shared item matrix.
+
+    They rewrite every `Gemm(transB=1)` as a `MatMul` on a transposed copy of B; for the
+    output product that copy is the item matrix the input Gather already holds (the largest
+    tensor of the model). A float MatMul whose weight is exactly the transpose of a Gather's
+    matrix becomes `Gemm(x, matrix, transB=1)` on the Gather's own initializer again.
+    """
+    model = onnx.load(str(path))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    gathered = {
+        n.input[0]: numpy_helper.to_array(inits[n.input[0]])
+        for n in graph.node
+        if n.op_type == "Gather" and n.input[0] in inits
+        and inits[n.input[0]].data_type == TensorProto.FLOAT
+    }  # fmt: skip
+    changed = False
+    for node in list(graph.node):
+        if node.op_type != "MatMul" or node.input[1] not in inits:
+            continue
+        weight = inits[node.input[1]]
+        if weight.data_type != TensorProto.FLOAT or len(weight.dims) != 2:
+            continue
+        w = numpy_helper.to_array(weight)
+        shared = next(
+            (n for n, m in gathered.items() if m.shape == w.T.shape and np.array_equal(m, w.T)),
+            None,
+        )
+        if shared is None:
+            continue
+        output = node.output[0]
+        # ORT also split the zero bias off into an Add: fold it back in.
+        consumers = [n for n in graph.node if output in n.input]
+        if len(consumers) == 1 and consumers[0].op_type == "Add":
+            add = consumers[0]
+            other = add.input[1] if add.input[0] == output else add.input[0]
+            bias = _constant_value(graph, other)
+            if bias is not None and not bias.any():
+                output = add.output[0]
+                graph.node.remove(add)
+        gemm = helper.make_node("Gemm", [node.input[0], shared], [output], name=node.name, transB=1)
+        graph.node.insert(list(graph.node).index(node), gemm)
+        graph.node.remove(node)
+        changed = True
+    if changed:
+        _prune_initializers(graph)
+        _save(model, path)
 
 
 def quantize_dynamic_int8(
