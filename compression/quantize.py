@@ -502,6 +502,7 @@ def _ort_quantize(
     }
     if cfg.mode == "dynamic":
         quantize_dynamic(pre, out, extra_options={"MatMulConstBOnly": True}, **common)
+        _reshare_item_matrix(out)
         return
     if calibration_cache is None or not calibration_cache.is_file():
         raise ValueError("static quantization needs a calibration cache; run calibrate()")
@@ -518,6 +519,7 @@ def _ort_quantize(
         calibration_cache_path=calibration_cache,
         **common,
     )
+    _reshare_item_matrix(out)
 
 
 def _quantize_file(
@@ -540,7 +542,6 @@ def _quantize_file(
                 _ort_quantize(pre, tmp, cfg, calibration_cache=cache)
             except Exception as exc:
                 raise QuantizeError(f"{src}: ONNX Runtime quantization failed ({exc})") from None
-            _reshare_item_matrix(tmp)
     return describe(dst)
 
 
