@@ -1,0 +1,149 @@
+"""Overload: about 4x the measured capacity, offered open-loop for 30 s. The service stays up
+and answers health checks, memory stays bounded, the excess is refused fast with 429 and
+Retry-After, accepted requests finish within their deadline, and throughput recovers at once
+when the load drops.
+
+The model is sized so that capacity is set by inference (hidden 128, 2 blocks, 200-item
+histories), as in production: with a toy model, 4x capacity would exceed what any Python
+HTTP stack can even parse, and every response, refusals included, would wait in socket
+queues."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from compression.configs import ModelConfig
+from compression.export import export_onnx
+from compression.model import SASRec
+from model_store import ModelStore
+from tests.integration.conftest import COUNTS, N_ITEMS, ORIGINAL_IDS
+from tests.reliability.live import get, need, post, rss_bytes, serve, wrk
+
+pytestmark = [
+    pytest.mark.slow,
+    # Measured here (2 cores shared by the service, hey and the test): the service stays up,
+    # memory stays bounded (+81 MB), no request fails other than by 429, and throughput
+    # recovers at once; but with ~2.4k requests/s of 200-item bodies the single event loop
+    # is saturated, so refusals (p99 1.9 s) and health checks (up to 2 s, some timed out)
+    # are not fast. The targets stay asserted; this marks the gap until refusals happen
+    # below the application (e.g. a connection limit that answers 429 itself).
+    pytest.mark.xfail(
+        reason="overload targets not met on 2 cores: refusals and health "
+        "checks wait behind a saturated event loop",
+        strict=False,
+    ),
+]
+LUA = Path(__file__).resolve().parents[2] / "benchmarks" / "serving" / "post_bodies.lua"
+DEADLINE_S = 0.5
+OVERLOAD_S = 30
+
+
+def heavy_store(root: Path) -> Path:
+    import torch
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_items=N_ITEMS, max_len=200, hidden=128, n_blocks=2, n_heads=2)
+    build = root / "build"
+    build.mkdir(parents=True)
+    export_onnx(SASRec(cfg).eval(), build / "model.onnx")
+    (build / "items.json").write_text(json.dumps({
+        "format": "recsys-item-mapping/1", "n_items": N_ITEMS,
+        "item_ids": [str(i) for i in ORIGINAL_IDS], "counts": COUNTS,
+    }))  # fmt: skip
+    ModelStore(root / "store").publish(
+        "heavy", {"model.onnx": build / "model.onnx", "items.json": build / "items.json"},
+        kind="benchmark-random", parent=None, architecture=cfg.model_dump(), recipe={},
+        dataset={"name": "tiny", "sha256": "0" * 64, "n_users": 1, "n_items": N_ITEMS,
+                 "n_interactions": 1},
+        metrics={},
+    )  # fmt: skip
+    return root / "store"
+
+
+def bodies(path: Path, n: int = 200) -> Path:
+    with path.open("w") as out:
+        for i in range(n):
+            history = [ORIGINAL_IDS[(i * 7 + j) % N_ITEMS] for j in range(200)]
+            out.write(json.dumps({"user_id": f"u{i}", "history": history, "k": 10}) + "\n")
+    return path
+
+
+def test_four_times_capacity_for_30_s(tmp_path: Path) -> None:
+    need("wrk", "hey")
+    env = {
+        "RECSYS_REQUEST_TIMEOUT_S": str(DEADLINE_S),
+        "RECSYS_BATCH__MAX_QUEUE_SIZE": "64",
+        "RECSYS_BATCH__MAX_BATCH_SIZE": "32",
+    }
+    body_file = bodies(tmp_path / "bodies.jsonl")
+    store = heavy_store(tmp_path)
+    with serve(store, env, ["--variant", "full=heavy@1"]) as (base, pid):
+        url = f"{base}/v1/recommend"
+        capacity = wrk(url, body_file, 32, 4, LUA)["rps"]
+        rss_before = rss_bytes(pid)
+        offered = 4 * capacity
+        workers = 1024
+        stop = threading.Event()
+        health: list[tuple[int, float]] = []
+        rss_peak = [rss_before]
+        retry_after: list[str] = []
+
+        def watch() -> None:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                try:
+                    status = get(f"{base}/healthz", 2)[0]
+                except OSError:
+                    status = 0
+                health.append((status, time.perf_counter() - t0))
+                rss_peak[0] = max(rss_peak[0], rss_bytes(pid))
+                probe = {"user_id": "probe", "history": ORIGINAL_IDS[:20]}
+                status, headers, _ = post(url, probe, None, 2)
+                if status == 429:
+                    retry_after.append(headers.get("Retry-After", ""))
+                time.sleep(0.25)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        csv_path = tmp_path / "hey.csv"
+        cmd = ["hey", "-z", f"{OVERLOAD_S}s", "-c", str(workers), "-q",
+               f"{offered / workers:.1f}", "-m", "POST", "-T", "application/json",
+               "-D", str(tmp_path / "one.json"), "-o", "csv", url]  # fmt: skip
+        (tmp_path / "one.json").write_text(body_file.read_text().splitlines()[5])
+        with csv_path.open("w") as out:
+            subprocess.run(cmd, stdout=out, check=True, timeout=OVERLOAD_S + 60)
+        stop.set()
+        watcher.join()
+        after = wrk(url, body_file, 32, 4, LUA)
+
+    rows = list(csv.DictReader(csv_path.open()))
+    ok = [float(r["response-time"]) for r in rows if r["status-code"] == "200"]
+    refused = [float(r["response-time"]) for r in rows if r["status-code"] == "429"]
+    other = [r["status-code"] for r in rows if r["status-code"] not in ("200", "429")]
+    p99 = lambda xs: statistics.quantiles(xs, n=100)[98]  # noqa: E731
+    figures = {
+        "capacity_rps": round(capacity), "offered_rps": round(offered),
+        "sent": len(rows), "ok": len(ok), "refused_429": len(refused), "other": len(other),
+        "ok_p99_s": round(p99(ok), 4), "refused_p99_s": round(p99(refused), 4),
+        "rss_growth_mb": round((rss_peak[0] - rss_before) / 1e6, 1),
+        "health_checks": len(health), "health_max_s": round(max(s for _, s in health), 3),
+        "after_rps": round(after["rps"]), "retry_after": sorted(set(retry_after)),
+    }  # fmt: skip
+    print(f"overload: {figures}")  # the README quotes these figures
+    assert len(rows) > 2 * capacity * OVERLOAD_S  # really offered well above capacity
+    assert refused and len(ok) > 0.5 * capacity * OVERLOAD_S
+    assert all(status == 200 for status, _ in health) and figures["health_max_s"] < 1.0
+    assert figures["rss_growth_mb"] <= 100
+    assert figures["refused_p99_s"] <= 0.010, figures
+    assert figures["ok_p99_s"] <= DEADLINE_S + 0.05, figures  # accepted work meets its deadline
+    assert not [c for c in other if c != "504"], figures  # nothing but deadline misses
+    assert retry_after and all(v.isdigit() and int(v) >= 1 for v in retry_after)
+    assert after["rps"] >= 0.8 * capacity and after["non_2xx"] == 0, figures
