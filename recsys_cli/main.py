@@ -548,6 +548,29 @@ def compare(
     typer.echo(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
 
 
+@app.command("export-triton")
+def export_triton_cmd(
+    model: Annotated[
+        list[str] | None,
+        typer.Argument(help="NAME, NAME@latest or NAME@VERSION; default: latest of every name."),
+    ] = None,
+    store: StoreOpt = Path(DEFAULT_STORE),
+    out: Annotated[Path, typer.Option(help="Triton model repository folder to write.")] = Path(
+        "triton_models"
+    ),
+    max_batch_size: Annotated[int, typer.Option(help="Triton max_batch_size.")] = 64,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
+) -> None:
+    """Write stored ONNX models / TensorRT engines as a Triton Inference Server repository."""
+    from compression.triton import export_triton
+
+    written = export_triton(
+        _store(store), model or None, out, max_batch_size=max_batch_size, overwrite=overwrite
+    )
+    for path in written:
+        typer.echo(f"wrote {path}")
+
+
 def main() -> None:
     """Console entry point: one line and exit 2 for every user error, never a traceback."""
     from compression.data import DataError
