@@ -22,8 +22,10 @@ function done(summary, latency, requests)
   io.write(string.format(
     'WRK_JSON {"requests": %d, "duration_us": %d, "non_2xx": %d, "errors_connect": %d, '
       .. '"errors_read": %d, "errors_write": %d, "errors_timeout": %d, "p50_us": %d, '
-      .. '"p90_us": %d, "p99_us": %d, "p999_us": %d, "max_us": %d, "mean_us": %.1f}\n',
+      .. '"p90_us": %d, "p95_us": %d, "p99_us": %d, "p999_us": %d, "max_us": %d, '
+      .. '"mean_us": %.1f}\n',
     summary.requests, summary.duration, e.status, e.connect, e.read, e.write, e.timeout,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    latency:percentile(50), latency:percentile(90), latency:percentile(95),
+    latency:percentile(99),
     latency:percentile(99.9), latency.max, latency.mean))
 end

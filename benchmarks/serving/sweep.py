@@ -55,6 +55,7 @@ def run_hey(port: int, body: Path, rate: float, duration_s: int, workers: int) -
         "offered_rps": rate,
         "rps": len(ok) / duration_s,
         "p50_ms": statistics.median(ok) * 1e3,
+        "p95_ms": q[94] * 1e3,
         "p99_ms": q[98] * 1e3,
         "errors": len(rows) - len(ok),
     }
@@ -123,7 +124,8 @@ def main() -> None:
                 before = scrape(s.port)
                 r = run_wrk(s.port, bodies, c, args.duration_s, args.wrk_cpus)
                 r.update(server_quantiles(before, scrape(s.port)))
-                r.update(connections=c, p50_ms=r["p50_us"] / 1e3, p99_ms=r["p99_us"] / 1e3)
+                r.update(connections=c, p50_ms=r["p50_us"] / 1e3, p95_ms=r["p95_us"] / 1e3,
+                         p99_ms=r["p99_us"] / 1e3)  # fmt: skip
                 runs["closed"].append(r)
                 print(f"{s.label} c={c}: {r['rps']:,.0f} req/s p50 {r['p50_ms']:.1f} "
                       f"p99 {r['p99_ms']:.1f} ms", flush=True)  # fmt: skip
@@ -150,16 +152,17 @@ def main() -> None:
                                                           indent=2))  # fmt: skip
     lines = [f"# Load sweep ({meta['date']}, {meta['data']}, {args.duration_s} s per point, "
              f"servers on CPUs {args.server_cpus})", "",
-             "| variant | loop | connections / offered req/s | req/s | p50 ms | p99 ms | "
+             "| variant | loop | connections / offered req/s | req/s | p50 ms | p95 ms | p99 ms | "
              "server p50 ms | server p99 ms | errors |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for label, runs in results.items():
         for kind, key in (("closed", "connections"), ("open", "offered_rps")):
             for r in runs[kind]:
                 sp50, sp99 = r.get("server_p50_ms"), r.get("server_p99_ms")
                 lines.append(
                     f"| {label} | {kind} | {r[key]:,.0f} | {r['rps']:,.0f} | "
-                    f"{r.get('p50_ms', 0):.1f} | {r.get('p99_ms', 0):.1f} | "
+                    f"{r.get('p50_ms', 0):.1f} | {r.get('p95_ms', 0):.1f} | "
+                    f"{r.get('p99_ms', 0):.1f} | "
                     f"{'-' if sp50 is None else f'{sp50:.1f}'} | "
                     f"{'-' if sp99 is None else f'{sp99:.1f}'} | {r['errors']} |"
                 )
