@@ -5,8 +5,9 @@
   session really got are read back and reported.
 - `TensorRTEngine`: a native TensorRT plan, only where its TensorRT version and GPU compute
   capability match the ones it was built with (an engine runs only where it was built).
-- `TorchEngine`: a `torch.export` program (`model.pt2`) on a CUDA GPU without TensorRT.
-  Optional: PyTorch is imported only here, never by the CPU service.
+- `TorchEngine`: a `torch.export` program (`model.pt2`, `compression.export.export_program`)
+  on a CUDA GPU without TensorRT (CPU when forced there and no GPU exists). Optional:
+  PyTorch is imported only here, never by the CPU service.
 """
 
 from __future__ import annotations
@@ -129,12 +130,14 @@ class TensorRTEngine:
 class TorchEngine:
     """A `torch.export` program: for GPUs without TensorRT (and CPU checks in tests)."""
 
-    def __init__(self, path: Path, device: str = "cuda") -> None:
+    def __init__(self, path: Path, length: int, device: str | None = None) -> None:
         try:
             import torch
         except ImportError as exc:
             raise EngineError(f"{path}: the torch engine needs PyTorch ({exc})") from exc
         self._torch = torch
+        self.length = length  # the program's fixed window; shorter inputs are left-padded
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
             program = torch.export.load(str(path))
         except Exception as exc:
@@ -145,13 +148,15 @@ class TorchEngine:
 
     def run(self, item_ids: np.ndarray) -> np.ndarray:
         torch = self._torch
+        if item_ids.shape[1] < self.length:
+            item_ids = np.pad(item_ids, ((0, 0), (self.length - item_ids.shape[1], 0)))
         with torch.inference_mode():
             ids = torch.from_numpy(item_ids).to(self.device, non_blocking=True)
             return self.module(ids).float().cpu().numpy()
 
 
 def build_engine(
-    folder: Path, artifacts: dict[str, dict[str, Any]], kind: str, threads: int
+    folder: Path, artifacts: dict[str, dict[str, Any]], kind: str, threads: int, max_len: int
 ) -> Engine:
     """The best engine for this machine from a stored version's artifacts.
 
@@ -175,7 +180,7 @@ def build_engine(
     if kind == "torch" or (kind == "auto" and onnx is None and program is not None):
         if program is None:
             raise EngineError(f"{folder}: has no torch.export program (model.pt2)")
-        return TorchEngine(program)
+        return TorchEngine(program, max_len)
     if onnx is None:
         raise EngineError(f"{folder}: has no ONNX model (model.onnx) to serve")
     return OrtEngine(onnx, threads=threads, providers=gpu_ort_providers())

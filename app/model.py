@@ -64,7 +64,9 @@ class LoadedModel:
             self.max_len = int(manifest.architecture["max_len"])
             self.n_items = int(manifest.dataset.n_items)
             artifacts = {k: v.model_dump() for k, v in manifest.artifacts.items()}
-            self.engine: Engine = build_engine(folder, artifacts, engine_kind, threads)
+            self.engine: Engine = build_engine(
+                folder, artifacts, engine_kind, threads, self.max_len
+            )
             self._load_items(folder / manifest.item_mapping)
         except ModelLoadError:
             raise
