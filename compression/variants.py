@@ -32,9 +32,10 @@ def _with_counts(manifest: Manifest, folder: Path, split: Split, dst: Path) -> N
     write_item_mapping(dst, ids, split.item_counts()[1:])
 
 
-def export_stored(store: ModelStore, ref: str) -> Manifest:
+def export_stored(store: ModelStore, ref: str, program: bool = False) -> Manifest:
     """Publish a new version of a stored PyTorch model that also carries `model.onnx`
-    (parity-checked) and popularity counts: for models trained before either existed."""
+    (parity-checked) and popularity counts: for models trained before either existed.
+    `program` adds `model.pt2` (`torch.export`) for the service's PyTorch GPU engine."""
     from compression.train import load_checkpoint
 
     manifest, folder = store.load(ref)
@@ -49,9 +50,18 @@ def export_stored(store: ModelStore, ref: str) -> Manifest:
         parity = check_parity(model, onnx_path, histories).as_metrics()
         _with_counts(manifest, folder, split, items)
         shutil.copy(folder / "model.pt", Path(tmp) / "model.pt")
+        files = {"model.pt": Path(tmp) / "model.pt", "model.onnx": onnx_path, "items.json": items}
+        formats = {}
+        if program:
+            from compression.export import export_program
+
+            files["model.pt2"] = Path(tmp) / "model.pt2"
+            export_program(model, files["model.pt2"])
+            formats["model.pt2"] = ("other", "fp32")
         return store.publish(
             manifest.name,
-            {"model.pt": Path(tmp) / "model.pt", "model.onnx": onnx_path, "items.json": items},
+            files,
+            formats=formats,
             kind=manifest.kind,
             parent=f"{manifest.name}@{manifest.version}",
             architecture=manifest.architecture,

@@ -286,12 +286,15 @@ def distill(
 @app.command()
 def export(
     model: Annotated[str, typer.Argument(help="Stored model with a model.pt: NAME@VERSION.")],
+    program: Annotated[
+        bool, typer.Option(help="Also add model.pt2 (torch.export) for the PyTorch GPU engine.")
+    ] = False,
     store: StoreOpt = Path(DEFAULT_STORE),
 ) -> None:
     """Publish a new version that adds a parity-checked model.onnx and popularity counts."""
     from compression.variants import export_stored
 
-    m = export_stored(_store(store), model)
+    m = export_stored(_store(store), model, program=program)
     typer.echo(
         f"published {m.name}@{m.version} (parent {m.parent}); ONNX top-10 agreement with "
         f"PyTorch {m.metrics['parity_top10_agreement']:.4f}"

@@ -45,9 +45,9 @@ def test_export_stored_adds_onnx_and_popularity_to_a_checkpoint_only_model(
         kind="teacher", parent=None, architecture=m.architecture, recipe=m.recipe,
         dataset=m.dataset, metrics=m.metrics,
     )  # fmt: skip
-    new = export_stored(store, f"{legacy.name}@{legacy.version}")
+    new = export_stored(store, f"{legacy.name}@{legacy.version}", program=True)
     assert new.version == 2 and new.parent == "legacy@1"
-    assert {"model.pt", "model.onnx", "items.json"} <= set(new.artifacts)
+    assert {"model.pt", "model.onnx", "model.pt2", "items.json"} <= set(new.artifacts)
     assert new.metrics["parity_top10_agreement"] == 1.0
     _, new_folder = store.load("legacy@2")
     counts = json.loads((new_folder / "items.json").read_text())["counts"]
