@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from compression.data import Split, leave_one_out
+from compression.data import Split, leave_one_out, pad_left
 from compression.evaluate import evaluate_scorer
 from compression.export import check_parity, export_onnx
 from compression.pipeline import PARITY_SEQUENCES, load_model_data, prefixed
@@ -105,8 +105,6 @@ def publish_onnx_variant(
         dst, items = Path(tmp) / "model.onnx", Path(tmp) / "items.json"
         details = transform(folder / "model.onnx", dst, split)
         test = evaluate_scorer(onnx_scorer(dst), split, "test", max_len)
-        from compression.data import pad_left
-
         tests = split.eval_inputs("test")[0][:PARITY_SEQUENCES]
         agreement = top_k_agreement(
             onnx_scorer(folder / "model.onnx")(pad_left(tests, parent_len)),
@@ -292,8 +290,6 @@ def context_variant(
     block MatMuls shrink with the window. On ML-1M the teacher kept 98% of its NDCG@10 at 50
     items of 200 while its batch-64 latency fell ~6x.
     """
-    import shutil as _shutil
-
     parent, _ = store.load(parent_ref)
     if max_len >= int(parent.architecture["max_len"]):
         raise ValueError(
@@ -302,7 +298,7 @@ def context_variant(
         )
 
     def transform(src: Path, dst: Path, split: Split) -> dict[str, Any]:
-        _shutil.copy(src, dst)
+        shutil.copy(src, dst)
         return {"context": max_len}
 
     precision = (

@@ -19,6 +19,7 @@ from compression.variants import (
     publish_onnx_variant,
     quantize_variant,
 )
+from model_store.manifest import Manifest
 from model_store.store import ModelStore
 
 DATA = "synthetic:users=300,items=60,max_len=16,min_len=6,seed=3"
@@ -35,23 +36,28 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
     return store
 
 
+def checkpoint_only(store: ModelStore, name: str) -> Manifest:
+    """`t@1` republished as `name` the way models were before ONNX export and popularity."""
+    m, folder = store.load("t@1")
+    return store.publish(
+        name, {"model.pt": folder / "model.pt", "items.json": folder / "items.json"},
+        kind="teacher", parent=None, architecture=m.architecture, recipe=m.recipe,
+        dataset=m.dataset, metrics=m.metrics,
+    )  # fmt: skip
+
+
 def test_export_stored_adds_onnx_and_popularity_to_a_checkpoint_only_model(
     store: ModelStore,
 ) -> None:
     # A model from before ONNX export and popularity counts: drop both from version 1.
-    m, folder = store.load("t@1")
-    legacy = store.publish(
-        "legacy", {"model.pt": folder / "model.pt", "items.json": folder / "items.json"},
-        kind="teacher", parent=None, architecture=m.architecture, recipe=m.recipe,
-        dataset=m.dataset, metrics=m.metrics,
-    )  # fmt: skip
+    legacy = checkpoint_only(store, "legacy")
     new = export_stored(store, f"{legacy.name}@{legacy.version}", program=True)
     assert new.version == 2 and new.parent == "legacy@1"
     assert {"model.pt", "model.onnx", "model.pt2", "items.json"} <= set(new.artifacts)
     assert new.metrics["parity_top10_agreement"] == 1.0
     _, new_folder = store.load("legacy@2")
     counts = json.loads((new_folder / "items.json").read_text())["counts"]
-    assert len(counts) == m.dataset.n_items and sum(counts) > 0
+    assert len(counts) == legacy.dataset.n_items and sum(counts) > 0
 
 
 def test_int8_variant_is_evaluated_and_published_with_its_parent(store: ModelStore) -> None:
@@ -136,11 +142,7 @@ def test_models_of_a_re_exported_teacher_stay_in_its_family(store: ModelStore) -
     from compression.report import find_family
 
     m, folder = store.load("t@1")
-    legacy = store.publish(
-        "old", {"model.pt": folder / "model.pt", "items.json": folder / "items.json"},
-        kind="teacher", parent=None, architecture=m.architecture, recipe=m.recipe,
-        dataset=m.dataset, metrics=m.metrics,
-    )  # fmt: skip
+    legacy = checkpoint_only(store, "old")
     student = store.publish(  # distilled from the checkpoint-only version
         "old-student", {"model.onnx": folder / "model.onnx", "items.json": folder / "items.json"},
         kind="student", parent=f"old@{legacy.version}", architecture=m.architecture,
