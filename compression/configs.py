@@ -75,6 +75,11 @@ class TrainConfig(_Strict):
         "weights and multiplying lr by lr_decay_factor",
     )
     max_lr_decays: int = Field(0, ge=0, description="0 = constant lr, plain early stopping")
+    windows: Literal["last", "all"] = Field(
+        "last",
+        description="train on each user's last max_len steps, or on every max_len-step "
+        "window of longer histories (more data from long histories, longer epochs)",
+    )
     seed: int = 0
     bf16: bool = Field(True, description="bf16 autocast on CPUs with AVX-512 BF16")
     loss_chunk_rows: int = Field(2048, ge=64, description="positions per cross-entropy chunk")

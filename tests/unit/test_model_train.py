@@ -22,6 +22,7 @@ from compression.train import (
     load_checkpoint,
     save_checkpoint,
     train,
+    training_pairs,
 )
 
 
@@ -204,3 +205,13 @@ def test_inference_path_equals_full_encoding(kw: dict) -> None:
     with torch.no_grad():
         full = model.query(model.encode(seq)[:, -1]) @ model.output_weight.T
         assert torch.allclose(model(seq), full, atol=1e-5)
+
+
+def test_all_windows_make_every_training_step_a_target_once() -> None:
+    seqs = [np.arange(1, 12), np.array([5, 6]), np.array([9])]
+    inputs, targets = training_pairs(seqs, 4)
+    assert [t.tolist() for t in targets] == [[8, 9, 10, 11], [6]]  # last window per user
+    inputs, targets = training_pairs(seqs, 4, all_windows=True)
+    assert [t.tolist() for t in targets] == [[8, 9, 10, 11], [4, 5, 6, 7], [2, 3], [6]]
+    assert [x.tolist() for x in inputs] == [[7, 8, 9, 10], [3, 4, 5, 6], [1, 2], [5]]
+    assert all(len(x) <= 4 for x in inputs)
