@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-from app.api import router
+from app.api import BODY_MODELS, router
 from app.errors import BodyGuard, install_error_handlers
 from app.metrics import Metrics
 from app.service import Service
@@ -30,6 +32,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.gc_gen0_threshold:
+            gc.set_threshold(settings.gc_gen0_threshold, *gc.get_threshold()[1:])
         service = Service(settings, Metrics())
         app.state.service = service
         loader = asyncio.get_running_loop().create_task(service.load_all())
@@ -52,8 +56,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     json_routes = {  # from the router: FastAPI may wrap included routes in app.routes
         (method, route.path)
         for route in router.routes
-        if isinstance(route, APIRoute) and route.body_field is not None
+        if isinstance(route, APIRoute)
+        and (route.body_field is not None or "requestBody" in (route.openapi_extra or {}))
         for method in route.methods
     }
+    _document_bodies(app)
     app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes, json_routes=json_routes)
     return app
+
+
+def _document_bodies(app: FastAPI) -> None:
+    """Put the models of self-parsed bodies into the schema's components (see `app.api`)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in BODY_MODELS:
+                doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(doc.pop("$defs", {}))
+                components[model.__name__] = doc
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]

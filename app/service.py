@@ -9,6 +9,7 @@ the old entry untouched.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import threading
@@ -131,6 +132,7 @@ class Service:
             if not self.settings.variants:
                 errors.append("no variants configured; set RECSYS_VARIANTS")
             if not errors:
+                self._freeze_heap()
                 self.not_ready_reason = None
                 self.metrics.ready.set(1)
                 return
@@ -154,7 +156,15 @@ class Service:
             self._publish_info(name, old.model if old else None, model)
             if old is not None:
                 self._spawn(old.batcher.close())
+            self._freeze_heap()
             return new
+
+    def _freeze_heap(self) -> None:
+        """Move what loading created out of the GC's reach (settings.gc_freeze says why)."""
+        if self.settings.gc_freeze:
+            gc.unfreeze()  # a full pass first: a replaced version's cycles are freed
+            gc.collect()
+            gc.freeze()
 
     async def close(self) -> None:
         for variant in list(self.variants.values()):

@@ -136,7 +136,7 @@ def error_of(r) -> dict:  # type: ignore[no-untyped-def]
         ({"history": [1]}, 422, "user_id: Field required"),
         ({"user_id": "u", "history": [1], "variant": "nope"}, 404, "unknown variant 'nope'"),
         ({"user_id": "u", "history": [1], "extra": 1}, 422, "extra"),
-        ([1, 2], 422, "valid dictionary"),
+        ([1, 2], 422, "should be an object"),
     ],
 )  # fmt: skip
 def test_bad_requests_get_a_clear_4xx(

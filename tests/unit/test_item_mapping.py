@@ -1,0 +1,47 @@
+"""History mapping: original ids -> internal ids, order kept, unknown ids dropped and counted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.model import LoadedModel
+
+
+def mapping(tmp_path: Path, item_ids: list) -> LoadedModel:
+    path = tmp_path / "items.json"
+    payload = {
+        "format": "recsys-item-mapping/1",
+        "item_ids": item_ids,
+        "counts": [1] * len(item_ids),
+    }
+    path.write_text(json.dumps(payload))
+    model = LoadedModel.__new__(LoadedModel)
+    model.n_items = len(item_ids)
+    model._load_items(path)
+    return model
+
+
+@pytest.mark.parametrize(
+    "catalogue", [[50, 7, 3000, 12, 2**62], ["50", "7", "3000", "12", str(2**62)]]
+)
+def test_numeric_catalogue_maps_in_order_and_counts_unknown(
+    tmp_path: Path, catalogue: list
+) -> None:
+    model = mapping(tmp_path, catalogue)  # unsorted on purpose: internal id = position + 1
+    history = [3000, 0, 7, 7, 2**63 - 1, 50, 13, 2**62]
+    known, unknown = model.map_history(history)
+    assert known.dtype == np.int64
+    assert known.tolist() == [3, 2, 2, 1, 5]
+    assert unknown == 3
+    assert model.map_history([])[1] == 0 and len(model.map_history([])[0]) == 0
+    assert model.map_history([1, 2])[0].tolist() == []
+
+
+def test_non_numeric_catalogue_matches_nothing_but_is_served(tmp_path: Path) -> None:
+    model = mapping(tmp_path, ["a", "b", "3"])
+    known, unknown = model.map_history([3, 4])
+    assert known.tolist() == [3] and unknown == 1
