@@ -6,12 +6,14 @@ import asyncio
 import hmac
 import re
 import time
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, TypeVar
 
 import orjson
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
@@ -47,7 +49,18 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     }.items()
 }
 
+
+class DirectRoute(APIRoute):
+    """A route whose endpoint takes the Request and returns a Response with nothing in
+    between: no dependency solving, no response-model serialization (FastAPI's documented
+    `get_route_handler` hook). Still an APIRoute, so it stays in the OpenAPI schema."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        return self.endpoint
+
+
 router = APIRouter()
+hot = APIRouter(route_class=DirectRoute)  # the recommend routes; `app.main` includes both
 _VARIANT = re.compile(VARIANT_PATTERN)
 Body = TypeVar("Body", bound=BaseModel)
 # Models the hot routes parse themselves; `app.main` adds them to the OpenAPI components.
@@ -176,7 +189,7 @@ async def _serve_one(
     return answer
 
 
-@router.post(
+@hot.post(
     "/v1/recommend", response_model=RecommendResponse, responses=ERRORS,
     openapi_extra=_body_doc(RecommendRequest),
 )  # fmt: skip
@@ -194,7 +207,7 @@ async def recommend(request: Request) -> Response:
     return _json(_answer_json(answer), background=shadow)
 
 
-@router.post(
+@hot.post(
     "/v1/recommend/batch", response_model=BatchRecommendResponse, responses=ERRORS,
     openapi_extra=_body_doc(BatchRecommendRequest),
 )  # fmt: skip

@@ -164,10 +164,7 @@ class BodyGuard:
                 f"content type {ctype.decode('latin-1') or 'missing'!r}; send application/json",
             )  # fmt: skip
             return
-        if length is not None:  # checked above; the HTTP server enforces its framing
-            await self.app(scope, receive, send)
-            return
-        # Chunked: buffer the (small) JSON body up to the limit, then replay it: refusing half-way
+        # Buffer the (small) JSON body up to the limit, then replay it: refusing half-way
         # through the app's own body parsing would surface as a generic parse error.
         chunks, received, more = [], 0, True
         while more:

@@ -12,13 +12,14 @@ import asyncio
 import contextlib
 import gc
 import logging
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-from app.api import BODY_MODELS, router
+from app.api import BODY_MODELS, hot, router
 from app.errors import BodyGuard, install_error_handlers
 from app.metrics import Metrics
 from app.service import Service
@@ -32,6 +33,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        sys.setswitchinterval(settings.gil_switch_interval_s)
         if settings.gc_gen0_threshold:
             gc.set_threshold(settings.gc_gen0_threshold, *gc.get_threshold()[1:])
         service = Service(settings, Metrics())
@@ -51,11 +53,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
+    app.include_router(hot)
     app.include_router(router)
     install_error_handlers(app)
     json_routes = {  # from the router: FastAPI may wrap included routes in app.routes
         (method, route.path)
-        for route in router.routes
+        for route in [*hot.routes, *router.routes]
         if isinstance(route, APIRoute)
         and (route.body_field is not None or "requestBody" in (route.openapi_extra or {}))
         for method in route.methods
