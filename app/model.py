@@ -53,6 +53,32 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
     return buckets[-1]
 
 
+# Fewer rows than this in a bucket ride along with the next longer bucket: an extra engine
+# call costs ~0.1 ms of fixed overhead, more than the padding it would save.
+MIN_GROUP_ROWS = 4
+
+
+def bucket_groups(lengths: Sequence[int], buckets: Sequence[int]) -> list[tuple[int, list[int]]]:
+    """Rows of a batch grouped by the smallest bucket that fits each, shortest bucket first.
+
+    Padding a whole batch to its longest history made every row pay for it: on ML-1M
+    (median history ~100 items, mean 165) most batches of 32 held one 200-item history.
+    """
+    by_bucket: dict[int, list[int]] = {}
+    for row, n in enumerate(lengths):
+        by_bucket.setdefault(bucket_for(n, buckets), []).append(row)
+    groups, carry = [], []
+    longest = max(by_bucket)
+    for bucket in sorted(by_bucket):
+        rows = carry + by_bucket[bucket]
+        if len(rows) < MIN_GROUP_ROWS and bucket != longest:
+            carry = rows
+            continue
+        groups.append((bucket, rows))
+        carry = []
+    return groups
+
+
 class LoadedModel:
     """One `name@version` from the store, verified, with its engine built and warmed up."""
 
@@ -141,10 +167,20 @@ class LoadedModel:
         return time.perf_counter() - started
 
     def run_batch(self, queries: Sequence[Query]) -> list[Ranked]:
-        """Pad to the smallest length bucket that fits, score, then mask and top-k in one
-        ONNX Runtime call (`app.ranking`): this runs in a worker thread, and every
-        Python-level step holds the GIL the event loop needs."""
-        length = bucket_for(max(len(q.inputs) for q in queries), self.buckets)
+        """Split the batch by length bucket (`bucket_groups`), score each part padded to its
+        bucket, then mask and top-k in one ONNX Runtime call (`app.ranking`). This runs in a
+        worker thread, and every Python-level step holds the GIL the event loop needs."""
+        groups = bucket_groups([len(q.inputs) for q in queries], self.buckets)
+        if len(groups) == 1:
+            return self._rank(queries, groups[0][0])
+        out: list[Ranked] = [None] * len(queries)  # type: ignore[list-item]
+        for length, rows in groups:
+            part = self._rank([queries[r] for r in rows], length)
+            for row, ranked in zip(rows, part, strict=True):
+                out[row] = ranked
+        return out
+
+    def _rank(self, queries: Sequence[Query], length: int) -> list[Ranked]:
         ids = np.zeros((len(queries), length), dtype=np.int64)
         for row, q in enumerate(queries):
             if len(q.inputs):
