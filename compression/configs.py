@@ -104,6 +104,11 @@ class DistillConfig(_Strict):
     near_teacher_ratio: float = Field(0.97, gt=0.0, le=1.0)
     temperature_decay: float = Field(0.5, gt=0.0, le=1.0)
     chunk_rows: int = Field(1024, ge=16)
+    cache_teacher: bool = Field(
+        True,
+        description="with top_k: compute the teacher's targets once before training instead "
+        "of on every batch (memory: ~4 bytes x top_k per training position)",
+    )
 
 
 class DataSpec(_Strict):

@@ -120,12 +120,15 @@ class TrainResult:
     stopped_by: str = "max_epochs"
 
 
-LossFn = Callable[[SASRec, Tensor, Tensor], Tensor]
+# (model, inputs, targets, rows=None): `rows` are the batch's indices into the training
+# pairs, for losses that cached something per pair in an optional `prepare(inputs, targets,
+# width)` hook that `train` calls once (compression.distill).
+LossFn = Callable[..., Tensor]
 EvalHook = Callable[[int, dict[str, float]], None]
 
 
 def sasrec_loss(chunk_rows: int) -> LossFn:
-    def loss(model: SASRec, inputs: Tensor, targets: Tensor) -> Tensor:
+    def loss(model: SASRec, inputs: Tensor, targets: Tensor, rows: object = None) -> Tensor:
         width = model.cfg.max_len  # inputs may be wider than the model reads
         hidden = model.encode(inputs[:, -width:])
         targets = targets[:, -width:]
@@ -172,6 +175,11 @@ def train(
     if not inputs:
         raise ValueError("no user has 2+ training items; nothing to train on")
     lengths = np.array([len(x) for x in inputs])
+    prepare = getattr(loss_fn, "prepare", None)
+    if prepare is not None:
+        started_prepare = time.perf_counter()
+        prepare(inputs, targets, model_cfg.max_len)
+        log(f"loss prepared in {time.perf_counter() - started_prepare:.1f} s")
     optimizer = torch.optim.Adam(
         model.parameters(), lr=train_cfg.lr, betas=(0.9, 0.98), weight_decay=train_cfg.weight_decay
     )
@@ -191,7 +199,7 @@ def train(
             x = torch.from_numpy(pad_left([inputs[i] for i in idx], width)).to(device)
             y = torch.from_numpy(pad_left([targets[i] for i in idx], width)).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=train_cfg.bf16):
-                loss = loss_fn(model, x, y)
+                loss = loss_fn(model, x, y, rows=idx)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from compression.configs import ModelConfig
+from compression.data import pad_left
 from compression.distill import DistillConfig, DistillLoss, distill_terms, reliability_weight
 from compression.model import SASRec
 
@@ -150,3 +151,38 @@ def test_distill_loss_backpropagates_to_student_only() -> None:
     assert math.isfinite(value.item()) and value.item() > 0
     assert student.item_emb.weight.grad is not None
     assert all(p.grad is None for p in loss.teacher.parameters())
+
+
+@pytest.mark.parametrize("strategy", ["fixed", "reliability"])
+@pytest.mark.parametrize("l2_target", ["logits", "probs"])
+def test_cached_teacher_targets_give_the_on_the_fly_loss(strategy: str, l2_target: str) -> None:
+    torch.manual_seed(0)
+    teacher = SASRec(ModelConfig(n_items=30, max_len=10, hidden=16)).eval()
+    student = SASRec(ModelConfig(n_items=30, max_len=6, hidden=8)).eval()  # reads fewer steps
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(1, 31, size=n) for n in rng.integers(2, 12, size=20)]
+    inputs, targets = [s[:-1] for s in seqs], [s[1:] for s in seqs]
+    cfg = DistillConfig(top_k=5, temperature=2.0, alpha=0.7, beta=0.3, strategy=strategy,
+                        l2_target=l2_target)  # fmt: skip
+    loss = DistillLoss(cfg, teacher, teacher_valid_ndcg=0.2)
+    loss.prepare(inputs, targets, width=student.cfg.max_len)
+    assert loss.targets is not None
+    assert loss.targets.offsets[-1] == sum(min(len(t), 6) for t in targets)
+    rows = np.array([3, 0, 17, 9, 12])
+    x = torch.from_numpy(pad_left([inputs[r] for r in rows], 10))
+    y = torch.from_numpy(pad_left([targets[r] for r in rows], 10))
+    cached = loss(student, x, y, rows=rows)
+    on_the_fly = loss(student, x, y)  # no rows: the teacher runs on the batch
+    assert cached.item() == pytest.approx(on_the_fly.item(), rel=2e-3)
+    cached.backward()  # gradients reach the student through the cached path
+    assert student.item_emb.weight.grad is not None
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_no_cache_without_top_k_or_when_switched_off() -> None:
+    teacher = SASRec(ModelConfig(n_items=30, max_len=10, hidden=16))
+    pairs = ([np.array([1, 2, 3])], [np.array([2, 3, 4])])
+    for cfg in (DistillConfig(top_k=None), DistillConfig(top_k=5, cache_teacher=False)):
+        loss = DistillLoss(cfg, teacher, teacher_valid_ndcg=0.2)
+        loss.prepare(*pairs, width=10)
+        assert loss.targets is None
