@@ -189,10 +189,13 @@ async def _serve_one(
     return answer
 
 
-@hot.post(
-    "/v1/recommend", response_model=RecommendResponse, responses=ERRORS,
-    openapi_extra=_body_doc(RecommendRequest),
-)  # fmt: skip
+def _hot_post(path: str, response: type[BaseModel], body: type[BaseModel]) -> Callable[..., Any]:
+    """A recommend route: parses its own `body` model, documented like a declared one."""
+    return hot.post(path, response_model=response, responses=ERRORS,
+                    openapi_extra=_body_doc(body))  # fmt: skip
+
+
+@_hot_post("/v1/recommend", RecommendResponse, RecommendRequest)
 async def recommend(request: Request) -> Response:
     """Top-k items for one user's history (original item ids, oldest first)."""
     service: Service = request.app.state.service
@@ -207,10 +210,7 @@ async def recommend(request: Request) -> Response:
     return _json(_answer_json(answer), background=shadow)
 
 
-@hot.post(
-    "/v1/recommend/batch", response_model=BatchRecommendResponse, responses=ERRORS,
-    openapi_extra=_body_doc(BatchRecommendRequest),
-)  # fmt: skip
+@_hot_post("/v1/recommend/batch", BatchRecommendResponse, BatchRecommendRequest)
 async def recommend_batch(request: Request) -> Response:
     """Many users in one call; each is routed on its own. Fails as a whole on any error."""
     service: Service = request.app.state.service
