@@ -110,8 +110,10 @@ def cached_terms(
     teacher's log-probabilities of its K best items exactly as `distill_terms` computes them.
     """
     s = student_logits.float()
-    ce = F.cross_entropy(s, labels, reduction="none")
-    log_ps = _with_rest(F.log_softmax(s / temperature, dim=1).gather(1, top_ids))
+    log_p1 = F.log_softmax(s, dim=1)  # over the catalogue: the costly step, once at T = 1
+    ce = F.nll_loss(log_p1, labels, reduction="none")
+    log_ps_full = log_p1 if temperature == 1.0 else F.log_softmax(s / temperature, dim=1)
+    log_ps = _with_rest(log_ps_full.gather(1, top_ids))
     log_pt = _with_rest(top_logits / temperature - lse[:, None])
     kl = (log_pt.exp() * (log_pt - log_ps)).sum(dim=1) * temperature**2
     s_top = s.gather(1, top_ids)
