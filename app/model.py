@@ -119,13 +119,6 @@ class LoadedModel:
         self._originals = np.array(self.item_ids, dtype=np.int64 if numeric else object)
         # Request ids are integers; non-numeric catalogue ids are kept for responses only.
         self.to_internal: dict[int | str, int] = {o: i + 1 for i, o in enumerate(self.item_ids)}
-        # Numeric catalogues map a whole history with one binary search (a dict lookup per
-        # item cost ~25 µs per 165-item request on the event loop).
-        self._sorted_originals: np.ndarray | None = None
-        if numeric:
-            order = np.argsort(self._originals, kind="stable")
-            self._sorted_originals = self._originals[order]
-            self._sorted_internal = (order + 1).astype(np.int64)
         counts = payload.get("counts")
         if counts is None or len(counts) != self.n_items:
             log.warning("%s: no popularity counts; fallback ranks items by id", path)
@@ -136,17 +129,11 @@ class LoadedModel:
 
     def map_history(self, history: Sequence[int]) -> tuple[np.ndarray, int]:
         """Internal ids of the known items (oldest first) and how many were unknown."""
-        if self._sorted_originals is None or not history:
-            lookup = self.to_internal.get
-            known = [i for i in map(lookup, history) if i is not None]
-            return np.asarray(known, dtype=np.int64), len(history) - len(known)
-        # Request ids are validated to 0..2**63-1, so int64 holds them all.
-        ids = np.asarray(history, dtype=np.int64)
-        pos = np.searchsorted(self._sorted_originals, ids)
-        pos[pos == len(self._sorted_originals)] = 0
-        found = self._sorted_originals[pos] == ids
-        known_ids = self._sorted_internal[pos[found]]
-        return known_ids, len(history) - len(known_ids)
+        # A dict lookup per item: 11 µs for a 172-item history, faster than a vectorized
+        # binary search over the catalogue (18 µs, measured on ML-1M bodies).
+        lookup = self.to_internal.get
+        known = [i for i in map(lookup, history) if i is not None]
+        return np.asarray(known, dtype=np.int64), len(history) - len(known)
 
     def warm_up(self, max_batch_size: int) -> float:
         """Run every (batch, length bucket) shape the batcher can send; returns seconds."""
