@@ -26,6 +26,9 @@ from app.service import Service
 from app.settings import Settings
 
 log = logging.getLogger("app")
+# FastAPI's native OpenTelemetry checks its providers on every request (environment lookups
+# included) even when none is configured; the service exports Prometheus metrics instead.
+_NO_TELEMETRY: dict[str, Any] = {"tracing": False, "metrics": False, "logs": False}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -52,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Low-latency Transformer recommendations with batching, A/B and metrics",
         version="0.1.0",
         lifespan=lifespan,
+        telemetry=None if settings.otel_telemetry else _NO_TELEMETRY,
     )
     app.include_router(hot)
     app.include_router(router)

@@ -302,3 +302,12 @@ def test_a_full_queue_answers_429_with_retry_after(client: TestClient) -> None:
     assert r.status_code == 429 and r.headers["retry-after"] == "2"
     assert error_of(r)["code"] == "overloaded"
     del batcher.submit
+
+
+def test_fastapi_native_telemetry_only_when_asked(tmp_path: Path) -> None:
+    """Off by default (its per-request provider checks cost the hot path); a setting turns
+    it back on for teams that trace with OpenTelemetry."""
+    off = create_app(Settings(store=str(tmp_path)))
+    on = create_app(Settings(store=str(tmp_path), otel_telemetry=True))
+    assert not any(off._telemetry[k] for k in ("tracing", "metrics", "logs"))  # type: ignore[attr-defined]
+    assert all(on._telemetry[k] for k in ("tracing", "metrics", "logs"))  # type: ignore[attr-defined]

@@ -45,3 +45,22 @@ def test_non_numeric_catalogue_matches_nothing_but_is_served(tmp_path: Path) -> 
     model = mapping(tmp_path, ["a", "b", "3"])
     known, unknown = model.map_history([3, 4])
     assert known.tolist() == [3] and unknown == 1
+
+
+def test_dense_table_and_dict_agree(tmp_path: Path) -> None:
+    """Small numeric ids take the dense table; it must map exactly like the dict path."""
+    rng = np.random.default_rng(0)
+    catalogue = [int(i) for i in rng.choice(5000, size=300, replace=False)]
+    model = mapping(tmp_path, catalogue)
+    assert model._dense is not None  # the fast path is really taken
+    fallback = mapping(tmp_path, [*catalogue[:-1], 2**62])  # too large for a table: dict
+    assert fallback._dense is None
+    for _ in range(50):
+        history = [int(i) for i in rng.integers(0, 6000, size=int(rng.integers(0, 200)))]
+        history += [2**63 - 1] if rng.random() < 0.3 else []
+        known, unknown = model.map_history(history)
+        expected = [catalogue.index(i) + 1 for i in history if i in catalogue]
+        assert known.dtype == np.int64 and known.tolist() == expected
+        assert unknown == len(history) - len(expected)
+        ids, _ = fallback.map_history([i for i in history if i != catalogue[-1]])
+        assert ids.tolist() == [i for i in expected if i != len(catalogue)]
