@@ -143,7 +143,8 @@ class SASRec(nn.Module):
             # int64 before CumSum: ONNX has no bool CumSum.
             positions = (valid.to(torch.int64).cumsum(dim=1) - 1).clamp(min=0)
         else:
-            positions = torch.arange(length - 1, -1, -1, device=seq.device)
+            # Not arange(length - 1, -1, -1): its ONNX export yields an empty Range in ORT.
+            positions = (length - 1) - torch.arange(length, device=seq.device)
         x = self.item_emb(seq)
         if self.in_proj is not None:
             x = self.in_proj(x)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from compression.compact import compact_file
 from compression.data import Split, leave_one_out, pad_left
 from compression.evaluate import evaluate_scorer
 from compression.export import check_parity, export_onnx
@@ -104,6 +105,7 @@ def publish_onnx_variant(
     with tempfile.TemporaryDirectory() as tmp:
         dst, items = Path(tmp) / "model.onnx", Path(tmp) / "items.json"
         details = transform(folder / "model.onnx", dst, split)
+        compacted = compact_file(dst, max_len if max_len < parent_len else None)
         test = evaluate_scorer(onnx_scorer(dst), split, "test", max_len)
         tests = split.eval_inputs("test")[0][:PARITY_SEQUENCES]
         agreement = top_k_agreement(
@@ -129,7 +131,7 @@ def publish_onnx_variant(
         log(f"{name}: test ndcg@10 {test['ndcg@10']:.4f} (parent {parent_ndcg}), "
             f"top-10 agreement {agreement:.4f}, {dst.stat().st_size:,} bytes")  # fmt: skip
         _with_counts(parent, folder, split, items)
-        extra = details if isinstance(details, dict) else {}
+        extra = {**(details if isinstance(details, dict) else {}), "compact": compacted}
         return store.publish(
             name,
             {"model.onnx": dst, "items.json": items},

@@ -45,6 +45,7 @@ def test_build_publishes_the_family_and_a_rerun_reuses_it(tmp_path: Path) -> Non
     ctx = built["tiny-student-int8-dynamic-ctx4"]
     assert ctx.architecture["max_len"] == 4 and ctx.artifacts["model.onnx"].precision == "int8"
     assert ctx.parent == "tiny-student-int8-dynamic@1" and ctx.recipe["context"] == 4
+    assert any("truncated to the last 4" in change for change in ctx.recipe["compact"])
     assert built["tiny-student"].parent == "tiny-teacher@1"
     assert built["tiny-student-int8-dynamic"].parent == "tiny-student@1"
     assert built["tiny-teacher-pruned"].architecture["n_heads"] == 1

@@ -25,7 +25,7 @@ def histories(n: int = 40) -> list[np.ndarray]:
     return [rng.integers(1, 61, size=rng.integers(1, 30)) for _ in range(n)]  # some > max_len
 
 
-@pytest.mark.parametrize("kw", [{}, {"emb_dim": 8}])
+@pytest.mark.parametrize("kw", [{}, {"emb_dim": 8}, {"positions": "from_end"}])
 def test_export_signature_and_parity(tmp_path: Path, kw: dict) -> None:
     m = model(**kw)
     path = tmp_path / "model.onnx"
