@@ -65,9 +65,7 @@ def test_context_is_cut_in_the_graph(tmp_path: Path, positions: str) -> None:
             scores(short, batch(length)), scores(src, batch(length)), rtol=1e-5, atol=1e-5
         )
     long = batch(MAX_LEN, seed=1)  # longer inputs: the graph keeps the last 5 items itself
-    np.testing.assert_allclose(
-        scores(short, long), scores(src, long[:, -5:]), rtol=1e-5, atol=1e-5
-    )
+    np.testing.assert_allclose(scores(short, long), scores(src, long[:, -5:]), rtol=1e-5, atol=1e-5)
     table = next(t for t in onnx.load(str(short)).graph.initializer if t.name == POSITION_TABLE)
     assert list(table.dims) == [5, 16]
     assert short.stat().st_size < src.stat().st_size
