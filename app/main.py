@@ -41,13 +41,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             gc.set_threshold(settings.gc_gen0_threshold, *gc.get_threshold()[1:])
         service = Service(settings, Metrics())
         app.state.service = service
-        loader = asyncio.get_running_loop().create_task(service.load_all())
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(service.load_all())]
+        if settings.loop_lag_interval_s:
+            tasks.append(loop.create_task(watch_loop_lag(service, settings.loop_lag_interval_s)))
         try:
             yield
         finally:
-            loader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await loader
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await service.close()
 
     app = FastAPI(
@@ -70,6 +74,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _document_bodies(app)
     app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes, json_routes=json_routes)
     return app
+
+
+async def watch_loop_lag(service: Service, interval_s: float) -> None:
+    """Observe how late a sleep of `interval_s` wakes up: the event loop's own queueing
+    delay, which every request (a refusal included) pays before any of its code runs."""
+    loop = asyncio.get_running_loop()
+    while True:
+        started = loop.time()
+        await asyncio.sleep(interval_s)
+        service.metrics.loop_lag.observe(max(0.0, loop.time() - started - interval_s))
 
 
 def _document_bodies(app: FastAPI) -> None:

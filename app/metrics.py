@@ -84,6 +84,11 @@ class Metrics:
             "recsys_admin_auth_failures", "Admin calls refused for a missing or wrong token",
             registry=r,
         )  # fmt: skip
+        self.loop_lag = Histogram(
+            "recsys_event_loop_lag_seconds", "How late a timer on the event loop fires (every "
+            "parse, refusal and health check waits this long before it starts)",
+            buckets=LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
         self.ready = Gauge("recsys_ready", "1 when every variant is loaded", registry=r)
         self.routing_weight = Gauge(
             "recsys_routing_weight", "Traffic share per variant", ["variant"], registry=r

@@ -82,6 +82,9 @@ class Settings(BaseSettings):
         description="FastAPI's native OpenTelemetry (off: its per-request provider checks cost "
         "~4 µs; the service's own metrics are Prometheus)",
     )
+    loop_lag_interval_s: float = Field(
+        0.1, ge=0.0, le=60.0, description="event-loop lag sampling period (0 = off)"
+    )
     batch: BatchSettings = Field(default_factory=BatchSettings)
     request_timeout_s: float = Field(1.0, gt=0.0, le=60.0)
     max_k: int = Field(1000, ge=1)
