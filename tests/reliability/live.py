@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -110,3 +111,44 @@ def wrk(url: str, body_file: Path, connections: int, duration_s: float, script: 
     result = json.loads(match.group(1))
     result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
     return result
+
+
+def hey_open_loop(
+    url: str, body: Path, connections: int, rate: float, duration_s: int, out_dir: Path,
+    processes: int = 64,
+) -> list[dict[str, str]]:  # fmt: skip
+    """Offer `rate` req/s over `connections` for `duration_s` with hey; one CSV row per request.
+
+    The load comes from `processes` hey processes started evenly over one send period. One
+    hey with all the connections paces every worker with its own identical ticker started
+    at the same instant, so they fire in lock-step: every ~`connections / rate` s a burst of
+    all of them at once. Measured here against an ASGI app that answers 429 without any
+    work, at 3,000 req/s over 1,024 connections: one hey saw p99 99-110 ms (its own burst
+    queueing), 64 staggered ones p99 5.1 ms.
+    """
+    per_process = connections // processes
+    period_s = connections / rate
+    out_dir.mkdir(parents=True, exist_ok=True)
+    procs, files = [], []
+    for i in range(processes):
+        cmd = ["hey", "-z", f"{duration_s}s", "-c", str(per_process), "-q",
+               f"{rate / connections:.3f}", "-m", "POST", "-T", "application/json",
+               "-D", str(body), "-o", "csv", url]  # fmt: skip
+        out = (out_dir / f"hey-{i}.csv").open("w")
+        files.append(out)
+        procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL))
+        time.sleep(period_s / processes)
+    try:
+        for p in procs:
+            p.wait(timeout=duration_s + 60)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for f in files:
+            f.close()
+    rows: list[dict[str, str]] = []
+    for i in range(processes):
+        with (out_dir / f"hey-{i}.csv").open() as f:
+            rows.extend(csv.DictReader(f))
+    return rows

@@ -1,7 +1,8 @@
-"""Overload: about 4x the measured capacity, offered open-loop for 30 s. The service stays up
-and answers health checks, memory stays bounded, the excess is refused fast with 429 and
-Retry-After, accepted requests finish within their deadline, and throughput recovers at once
-when the load drops.
+"""Overload: about 4x the measured capacity, offered open-loop for 30 s by 64 staggered hey
+processes (1,024 connections; `live.hey_open_loop` says why one hey would measure its own
+lock-step bursts instead). The service stays up and answers health checks,
+memory stays bounded, the excess is refused fast with 429 and Retry-After, accepted requests
+finish within their deadline, and throughput recovers at once when the load drops.
 
 The model is sized so that capacity is set by inference (hidden 128, 2 blocks, 200-item
 histories), as in production: with a toy model, 4x capacity would exceed what any Python
@@ -10,10 +11,9 @@ queues."""
 
 from __future__ import annotations
 
-import csv
 import json
+import re
 import statistics
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -25,19 +25,22 @@ from compression.export import export_onnx
 from compression.model import SASRec
 from model_store import ModelStore
 from tests.integration.conftest import COUNTS, N_ITEMS, ORIGINAL_IDS
-from tests.reliability.live import get, need, post, rss_bytes, serve, wrk
+from tests.reliability.live import get, hey_open_loop, need, post, rss_bytes, serve, wrk
 
 pytestmark = [
     pytest.mark.slow,
-    # Measured here (2 cores shared by the service, hey and the test): the service stays up,
-    # memory stays bounded (+61 MB), no request fails other than by 429, health checks answer
-    # within 0.23 s, and throughput recovers at once; but with 1,024 connections the refusals
-    # wait their turn in the one event loop (p99 190 ms, target 10 ms). The targets stay
-    # asserted; this marks the gap until refusals happen below the application (e.g. a
-    # connection limit that answers 429 itself).
+    # Measured here (2 cores shared by the service, 64 hey processes and the test): the
+    # service stays up, RSS +61 MB, nothing fails but by 429 (and a few 504 deadline
+    # misses), health checks answer within 0.12 s, throughput recovers at once; refusals:
+    # p50 ~3-5 ms but p99 16-45 ms from run to run (target 10 ms), with an ASGI app that
+    # refuses without any work at p99 5.1 ms under the same load. The event loop itself is
+    # late (`recsys_event_loop_lag_seconds`: ~5% of its timers > 10 ms) while using only
+    # ~0.35 of a core: it waits for a CPU and the GIL next to inference and the load
+    # generator. Inference at nice 10 or SCHED_IDLE, or one batch in flight, brought p99 to
+    # 16-20 ms, not 10. The targets stay asserted; this marks the gap.
     pytest.mark.xfail(
-        reason="overload target not met on 2 cores: refusals wait behind the other "
-        "requests of 1,024 connections in the one event loop",
+        reason="refusal p99 above 10 ms on 2 shared cores: the event loop waits for a CPU "
+        "and the GIL next to inference and the load generator",
         strict=False,
     ),
 ]
@@ -74,6 +77,14 @@ def bodies(path: Path, n: int = 200) -> Path:
             history = [ORIGINAL_IDS[(i * 7 + j) % N_ITEMS] for j in range(200)]
             out.write(json.dumps({"user_id": f"u{i}", "history": history, "k": 10}) + "\n")
     return path
+
+
+def loop_lag_p99_s(metrics: str) -> float:
+    """Upper bucket bound holding the 99th percentile of the service's event-loop lag."""
+    buckets = [(float(m.group(1)), float(m.group(2))) for m in re.finditer(
+        r'recsys_event_loop_lag_seconds_bucket\{le="([^"]+)"\} (\S+)', metrics)]  # fmt: skip
+    total = buckets[-1][1]
+    return next(le for le, count in buckets if count >= 0.99 * total)
 
 
 def test_four_times_capacity_for_30_s(tmp_path: Path) -> None:
@@ -116,18 +127,16 @@ def test_four_times_capacity_for_30_s(tmp_path: Path) -> None:
 
         watcher = threading.Thread(target=watch)
         watcher.start()
-        csv_path = tmp_path / "hey.csv"
-        cmd = ["hey", "-z", f"{OVERLOAD_S}s", "-c", str(workers), "-q",
-               f"{offered / workers:.1f}", "-m", "POST", "-T", "application/json",
-               "-D", str(tmp_path / "one.json"), "-o", "csv", url]  # fmt: skip
         (tmp_path / "one.json").write_text(body_file.read_text().splitlines()[5])
-        with csv_path.open("w") as out:
-            subprocess.run(cmd, stdout=out, check=True, timeout=OVERLOAD_S + 60)
-        stop.set()
-        watcher.join()
+        try:
+            rows = hey_open_loop(url, tmp_path / "one.json", workers, offered, OVERLOAD_S,
+                                 tmp_path / "hey")  # fmt: skip
+        finally:
+            stop.set()
+            watcher.join()
+        lag = loop_lag_p99_s(get(f"{base}/metrics")[2].decode())
         after = wrk(url, body_file, 32, 4, LUA)
 
-    rows = list(csv.DictReader(csv_path.open()))
     ok = [float(r["response-time"]) for r in rows if r["status-code"] == "200"]
     refused = [float(r["response-time"]) for r in rows if r["status-code"] == "429"]
     other = [r["status-code"] for r in rows if r["status-code"] not in ("200", "429")]
@@ -139,6 +148,7 @@ def test_four_times_capacity_for_30_s(tmp_path: Path) -> None:
         "rss_growth_mb": round((rss_peak[0] - rss_before) / 1e6, 1),
         "health_checks": len(health), "health_max_s": round(max(s for _, s in health), 3),
         "after_rps": round(after["rps"]), "retry_after": sorted(set(retry_after)),
+        "loop_lag_p99_s": lag,
     }  # fmt: skip
     print(f"overload: {figures}")  # the README quotes these figures
     assert len(rows) > 2 * capacity * OVERLOAD_S  # really offered well above capacity
