@@ -2,9 +2,11 @@
 
 - `compact_names`: the exporter names every intermediate tensor and node after its module
   path (`/blocks.1/attn/Constant_8_output_0`); in a small INT8 student those names and the
-  shape annotations (`value_info`) were 41 KB of a 176 KB file. Intermediate tensors and
-  nodes get short names; graph inputs, outputs and initializers keep theirs (the manifest,
-  the item-matrix tools and people reading the graph refer to them).
+  shape annotations (`value_info`) were 41 KB of a 176 KB file. Intermediate tensors, nodes
+  and the exporter's generated initializer names (`onnx::MatMul_378_quantized`,
+  `/Constant_2_output_0`) get short names; graph inputs, outputs and the named weights
+  (`item_emb.weight`, `pos_emb.weight`, ...) keep theirs: the manifest, the item-matrix
+  tools and people reading the graph refer to them.
 - `shorten_context`: a variant that reads only the most recent `max_len` items truncates to
   `max_len` inside the graph too, and keeps only the `max_len` position vectors it can
   reach (positions count within the window, so they never exceed `max_len - 1`).
@@ -12,6 +14,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +41,11 @@ def _short(i: int) -> str:
             return "t" + out
 
 
+def _generated(name: str) -> bool:
+    """A name the exporter or a converter made up, not a weight's module path."""
+    return name.startswith(("onnx::", "/"))
+
+
 def compact_names(model: onnx.ModelProto) -> bool:
     """Rename intermediate tensors and nodes, drop `value_info`; False when the graph has
     subgraphs (their bodies may read outer names), which are then left as they are."""
@@ -45,13 +53,22 @@ def compact_names(model: onnx.ModelProto) -> bool:
     if _has_subgraphs(graph):
         return False
     keep = {v.name for v in graph.input} | {v.name for v in graph.output}
-    keep |= {t.name for t in graph.initializer}
+    keep |= {t.name for t in graph.initializer if not _generated(t.name)}
     renamed: dict[str, str] = {}
+    fresh = (n for n in map(_short, itertools.count()) if n not in keep)  # a rerun is safe
+
+    def rename(name: str) -> str:
+        if name not in renamed:
+            renamed[name] = next(fresh)
+        return renamed[name]
+
+    for init in graph.initializer:
+        if init.name not in keep:
+            init.name = rename(init.name)
     for node in graph.node:
         for j, name in enumerate(node.output):
             if name and name not in keep:
-                renamed.setdefault(name, _short(len(renamed)))
-                node.output[j] = renamed[name]
+                node.output[j] = rename(name)
     for i, node in enumerate(graph.node):
         node.name = f"n{i}"
         node.doc_string = ""
@@ -92,10 +109,11 @@ def shorten_context(model: onnx.ModelProto, max_len: int) -> list[str]:
     start = f"context_start_{max_len}"
     graph.initializer.append(numpy_helper.from_array(np.array([-max_len], np.int64), start))
     old, cut.input[1] = cut.input[1], start
-    if not any(old in n.input for n in graph.node):
-        unused = [t for t in graph.initializer if t.name == old]
-        for t in unused:
+    if not any(old in n.input for n in graph.node):  # drop the old start: ORT warns
+        for t in [t for t in graph.initializer if t.name == old]:
             graph.initializer.remove(t)
+        for n in [n for n in graph.node if n.op_type == "Constant" and n.output[0] == old]:
+            graph.node.remove(n)
     changes = [f"input truncated to the last {max_len} items (was {-int(starts[0])})"]
     readers = [n for n in graph.node if POSITION_TABLE in n.input]
     table = next((t for t in graph.initializer if t.name == POSITION_TABLE), None)
