@@ -60,8 +60,12 @@ class Settings(BaseSettings):
     )
     engine: Literal["auto", "onnxruntime", "tensorrt", "torch"] = "auto"
     intra_op_threads: int = Field(1, ge=1, le=256, description="ONNX Runtime threads/session")
+    # 19, not a milder value: under overload the loop must still parse, refuse and answer
+    # health checks at once. Measured (64 hey processes at 4x capacity, service on its own
+    # core): refusals p99 5.7 ms at 19, 7.6 at 10, 11.2 at 5; and no throughput cost at 64
+    # connections (benchmarks/results/serving-nice-check.md: student 4,739 vs 4,623 req/s).
     inference_nice: int = Field(
-        5, ge=0, le=19, description="nice of inference threads (0 = same as the event loop)"
+        19, ge=0, le=19, description="nice of inference threads (0 = same as the event loop)"
     )
     # Python's cyclic GC scans every live object in its oldest generation; a loaded service
     # holds hundreds of thousands (FastAPI, pydantic, id maps), and with the default 700

@@ -101,9 +101,26 @@ def rss_bytes(pid: int) -> int:
     return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1)) * 1024  # type: ignore[union-attr]
 
 
+def split_cpus() -> tuple[set[int], set[int]] | None:
+    """One CPU for the service, the others for the load generators (as on separate
+    machines); None with a single CPU."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return ({cpus[0]}, set(cpus[1:])) if len(cpus) >= 2 else None
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of `pid` onto `cpus`; threads it starts later inherit it."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), cpus)
+
+
+def _on(cpus: set[int] | None) -> list[str]:
+    return ["taskset", "-c", ",".join(map(str, sorted(cpus)))] if cpus else []
+
+
 def wrk(url: str, body_file: Path, connections: int, duration_s: float, script: Path,
-        timeout_s: float = 5.0) -> dict[str, Any]:  # fmt: skip
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{round(duration_s)}s", "--timeout",
+        timeout_s: float = 5.0, cpus: set[int] | None = None) -> dict[str, Any]:  # fmt: skip
+    cmd = [*_on(cpus), "wrk", "-t1", f"-c{connections}", f"-d{round(duration_s)}s", "--timeout",
            f"{round(timeout_s)}s", "-s", str(script), url, "--", str(body_file)]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=duration_s + 60)
     match = re.search(r"WRK_JSON (\{.*\})", out.stdout)
@@ -115,7 +132,7 @@ def wrk(url: str, body_file: Path, connections: int, duration_s: float, script: 
 
 def hey_open_loop(
     url: str, body: Path, connections: int, rate: float, duration_s: int, out_dir: Path,
-    processes: int = 64,
+    processes: int = 64, cpus: set[int] | None = None,
 ) -> list[dict[str, str]]:  # fmt: skip
     """Offer `rate` req/s over `connections` for `duration_s` with hey; one CSV row per request.
 
@@ -131,7 +148,7 @@ def hey_open_loop(
     out_dir.mkdir(parents=True, exist_ok=True)
     procs, files = [], []
     for i in range(processes):
-        cmd = ["hey", "-z", f"{duration_s}s", "-c", str(per_process), "-q",
+        cmd = [*_on(cpus), "hey", "-z", f"{duration_s}s", "-c", str(per_process), "-q",
                f"{rate / connections:.3f}", "-m", "POST", "-T", "application/json",
                "-D", str(body), "-o", "csv", url]  # fmt: skip
         out = (out_dir / f"hey-{i}.csv").open("w")
