@@ -78,13 +78,16 @@ def compact_names(model: onnx.ModelProto) -> bool:
     return True
 
 
-def _constant(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
+def constant_value(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
+    """The value of `name` when it is an initializer or the output of a Constant node."""
     for init in graph.initializer:
         if init.name == name:
             return numpy_helper.to_array(init)
     for node in graph.node:
         if node.op_type == "Constant" and node.output[0] == name:
-            return numpy_helper.to_array(node.attribute[0].t)
+            for attr in node.attribute:
+                if attr.name == "value":
+                    return numpy_helper.to_array(attr.t)
     return None
 
 
@@ -98,7 +101,7 @@ def shorten_context(model: onnx.ModelProto, max_len: int) -> list[str]:
         (n for n in graph.node if n.op_type == "Slice" and n.input and n.input[0] == INPUT_NAME),
         None,
     )
-    starts = _constant(graph, cut.input[1]) if cut is not None and len(cut.input) > 1 else None
+    starts = constant_value(graph, cut.input[1]) if cut is not None and len(cut.input) > 1 else None
     if cut is None or starts is None or starts.shape != (1,) or starts[0] >= 0:
         raise ValueError(
             f"no `{INPUT_NAME}[:, -max_len:]` slice found in the graph; re-export the model "

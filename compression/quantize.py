@@ -37,6 +37,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from compression.compact import constant_value
 from compression.data import Split, pad_left
 from compression.evaluate import Scorer, evaluate_scorer
 from compression.export import INPUT_NAME, OUTPUT_NAME, top_k_agreement
@@ -582,7 +583,7 @@ def _reshare_item_matrix(path: Path) -> None:
         if len(consumers) == 1 and consumers[0].op_type == "Add":
             add = consumers[0]
             other = add.input[1] if add.input[0] == output else add.input[0]
-            bias = _constant_value(graph, other)
+            bias = constant_value(graph, other)
             if bias is not None and not bias.any():
                 output = add.output[0]
                 graph.node.remove(add)
@@ -835,19 +836,6 @@ class ItemMatrixReport:
     output_compute: str
 
 
-def _constant_value(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
-    """The value of `name` when it is an initializer or the output of a Constant node."""
-    for init in graph.initializer:
-        if init.name == name:
-            return numpy_helper.to_array(init)
-    for node in graph.node:
-        if node.op_type == "Constant" and node.output[0] == name:
-            for attr in node.attribute:
-                if attr.name == "value":
-                    return numpy_helper.to_array(attr.t)
-    return None
-
-
 def quantize_rows(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 per row: scale = max|row| / 127, values in [-127, 127].
 
@@ -916,7 +904,7 @@ def quantize_item_matrix(
         if plain and attrs.get("transB", 0) == 1 and weight.ndim == 2 and weight.shape[0] == n_rows:
             out_matrix = weight
             if len(out_node.input) > 2 and out_node.input[2]:
-                bias = _constant_value(graph, out_node.input[2])
+                bias = constant_value(graph, out_node.input[2])
                 is_zero = bias is not None and not bias.any()
                 if not is_zero or attrs.get("beta", 1.0) != 1.0:
                     out_bias = out_node.input[2]
