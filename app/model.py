@@ -123,12 +123,14 @@ class LoadedModel:
         # int64 when every id is numeric: `.tolist()` then yields Python ints at C speed.
         self._originals = np.array(self.item_ids, dtype=np.int64 if numeric else object)
         # Request ids are integers; non-numeric catalogue ids are kept for responses only.
-        self.to_internal: dict[int | str, int] = {o: i + 1 for i, o in enumerate(self.item_ids)}
         self._dense: np.ndarray | None = None  # original id -> internal id (0 = unknown)
+        self.to_internal: dict[int | str, int] = {}  # the same, where no dense table fits
         originals = self._originals
         if numeric and len(originals) and originals.min() >= 0 and originals.max() < DENSE_IDS:
             self._dense = np.zeros(int(originals.max()) + 1, dtype=np.int64)
             self._dense[originals] = np.arange(1, self.n_items + 1)
+        else:
+            self.to_internal = {o: i + 1 for i, o in enumerate(self.item_ids)}
         counts = payload.get("counts")
         if counts is None or len(counts) != self.n_items:
             log.warning("%s: no popularity counts; fallback ranks items by id", path)
