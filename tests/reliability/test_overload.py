@@ -89,6 +89,10 @@ def loop_lag_p99_s(metrics: str) -> float:
 
 def test_four_times_capacity_for_30_s(tmp_path: Path) -> None:
     need("wrk", "hey")
+    split = split_cpus()
+    if split is None:
+        pytest.skip("needs 2 CPUs: one for the service, the others for the load generators")
+    service_cpus, load_cpus = split
     env = {
         "RECSYS_REQUEST_TIMEOUT_S": str(DEADLINE_S),
         "RECSYS_BATCH__MAX_QUEUE_SIZE": "64",
@@ -96,10 +100,6 @@ def test_four_times_capacity_for_30_s(tmp_path: Path) -> None:
     }
     body_file = bodies(tmp_path / "bodies.jsonl")
     store = heavy_store(tmp_path)
-    split = split_cpus()
-    if split is None:
-        pytest.skip("needs 2 CPUs: one for the service, the others for the load generators")
-    service_cpus, load_cpus = split
     with serve(store, env, ["--variant", "full=heavy@1"]) as (base, pid):
         pin(pid, service_cpus)
         url = f"{base}/v1/recommend"
