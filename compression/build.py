@@ -150,6 +150,15 @@ def _without(d: dict[str, Any], *keys: str) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k not in keys}
 
 
+def _settings(schema: type[BaseModel], stored: dict[str, Any], *drop: str) -> dict[str, Any] | None:
+    """A stored recipe read through today's schema, so that a manifest written before a
+    setting existed still matches a recipe that leaves it at its default; None if invalid."""
+    try:
+        return schema(**_without(stored, *drop)).model_dump()
+    except (ValidationError, TypeError):
+        return None
+
+
 def _with_onnx(store: ModelStore, m: Manifest, log: Callable[[str], None]) -> Manifest:
     """`m`, or its ONNX re-export (made now if missing) when `m` predates ONNX export."""
     from compression.variants import export_stored
@@ -197,7 +206,9 @@ def run_build(
         train=recipe.teacher.train,
     )  # fmt: skip
     want = teacher_recipe.model_dump()
-    trained = reuse(teacher_recipe.name, lambda m: _without(m.recipe, "stopped_by") == want)
+    trained = reuse(
+        teacher_recipe.name, lambda m: _settings(TeacherRecipe, m.recipe, "stopped_by") == want
+    )
     if trained is None:
         trained = train_teacher(teacher_recipe, store, progress, log).manifest
     teacher = _with_onnx(store, trained, log)
@@ -213,8 +224,8 @@ def run_build(
         want_s = _without(student.model_dump(), "teacher")
 
         def same_student(m: Manifest, w: dict[str, Any] = want_s) -> bool:
-            mine = _without(m.recipe, "data", "schedule_events", "stopped_by", "teacher")
-            return m.recipe.get("teacher") in teacher_refs and mine == w
+            mine = _settings(StudentRecipe, m.recipe, "data", "schedule_events", "stopped_by")
+            return m.recipe.get("teacher") in teacher_refs and _without(mine or {}, "teacher") == w
 
         found = reuse(step.name, same_student)
         if found is None:

@@ -103,3 +103,24 @@ def test_a_checkpoint_only_teacher_is_exported_once_and_then_reused(tmp_path: Pa
     assert "model.onnx" in second.artifacts
     third = run_build(recipe, store, progress=False, log=lambda _: None)["tiny-teacher"]
     assert third.version == second.version  # the export is reused, not repeated
+
+
+def test_a_teacher_stored_before_a_newer_setting_existed_is_still_reused(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.toml"
+    teacher_only = RECIPE.split("[[students]]")[0].split("[data]")[1]
+    path.write_text(f'family = "tiny"\n[data]{teacher_only}')
+    recipe = load_build_recipe(path)
+    store = ModelStore(tmp_path / "store")
+    first = run_build(recipe, store, progress=False, log=lambda _: None)["tiny-teacher"]
+    _, folder = store.load(f"tiny-teacher@{first.version}")
+    old_train = {k: v for k, v in first.recipe["train"].items() if k != "windows"}
+    older = store.publish(  # as written before TrainConfig had `windows` (default "last")
+        "tiny-teacher", {name: folder / name for name in first.artifacts},
+        kind="teacher", parent=None, architecture=first.architecture,
+        recipe={**first.recipe, "train": old_train}, dataset=first.dataset,
+        metrics=first.metrics,
+    )  # fmt: skip
+    logs: list[str] = []
+    again = run_build(recipe, store, progress=False, log=logs.append)["tiny-teacher"]
+    assert again.version == older.version
+    assert any("reusing" in line for line in logs)
