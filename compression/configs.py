@@ -35,6 +35,16 @@ class ModelConfig(_Strict):
         description="item embedding size; None = hidden. Smaller values factorize "
         "the embedding/output matrix (the bulk of the parameters) through a projection",
     )
+    emb_cutoffs: tuple[int, ...] | None = Field(
+        None,
+        description="mixed-dimension item embeddings: popularity ranks where the item "
+        "vector width changes (the most popular items first); needs emb_dims",
+    )
+    emb_dims: tuple[int, ...] | None = Field(
+        None,
+        description="vector width of each popularity bucket, one more than emb_cutoffs; "
+        "every bucket is projected to hidden, so the item space is hidden-wide",
+    )
 
     head_dim: int | None = Field(
         None,
@@ -47,6 +57,29 @@ class ModelConfig(_Strict):
     def _heads_divide_hidden(self) -> ModelConfig:
         if self.head_dim is None and self.hidden % self.n_heads:
             raise ValueError(f"hidden={self.hidden} is not divisible by n_heads={self.n_heads}")
+        return self
+
+    @model_validator(mode="after")
+    def _mixed_dims(self) -> ModelConfig:
+        cuts, dims = self.emb_cutoffs, self.emb_dims
+        if cuts is None and dims is None:
+            return self
+        if cuts is None or dims is None or len(dims) != len(cuts) + 1:
+            raise ValueError(
+                f"emb_cutoffs={cuts} and emb_dims={dims}: give both, with one more width "
+                "than cutoffs (e.g. emb_cutoffs = [300, 1200], emb_dims = [48, 16, 8])"
+            )
+        if list(cuts) != sorted(set(cuts)) or cuts[0] < 1 or cuts[-1] >= self.n_items:
+            raise ValueError(
+                f"emb_cutoffs={list(cuts)}: must rise strictly, within 1..n_items-1 "
+                f"(n_items={self.n_items})"
+            )
+        if min(dims) < 1:
+            raise ValueError(f"emb_dims={list(dims)}: every width must be at least 1")
+        if self.emb_dim is not None or not self.tied:
+            raise ValueError(
+                "mixed-dimension embeddings (emb_cutoffs) replace emb_dim and need tied=true"
+            )
         return self
 
     @property

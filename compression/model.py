@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from compression.configs import ModelConfig
+from compression.embedding import MixedDimEmbedding
 
 
 class FastDropout(nn.Module):
@@ -98,7 +99,11 @@ class SASRec(nn.Module):
         super().__init__()
         self.cfg = cfg
         emb = cfg.emb_dim or cfg.hidden
-        self.item_emb = nn.Embedding(cfg.n_items + 1, emb, padding_idx=0)
+        self.item_emb: nn.Embedding | MixedDimEmbedding
+        if cfg.emb_cutoffs is not None and cfg.emb_dims is not None:
+            self.item_emb = MixedDimEmbedding(cfg.n_items, cfg.emb_cutoffs, cfg.emb_dims, emb)
+        else:
+            self.item_emb = nn.Embedding(cfg.n_items + 1, emb, padding_idx=0)
         factorized = emb != cfg.hidden
         # Low-rank item matrix: project e -> hidden on the way in, hidden -> e on the way out.
         self.in_proj = nn.Linear(emb, cfg.hidden, bias=False) if factorized else None

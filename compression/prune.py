@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from compression.configs import DistillConfig, ModelConfig, TrainConfig, _Strict
 from compression.data import Split, pad_left
+from compression.embedding import MixedDimEmbedding
 from compression.model import SASRec
 from compression.train import TrainResult, sasrec_loss, train, training_pairs
 
@@ -454,7 +455,10 @@ def csr_bytes(weight: Tensor, index_bytes: int = 4) -> int:
 def _prunable(model: SASRec, include_embedding: bool) -> list[tuple[str, Tensor]]:
     out = [(f"{n}.weight", m.weight) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if include_embedding:
-        out.append(("item_emb.weight", model.item_emb.weight))
+        if isinstance(model.item_emb, MixedDimEmbedding):  # its `weight` is computed
+            out += [(f"item_emb.tables.{i}", t) for i, t in enumerate(model.item_emb.tables)]
+        else:
+            out.append(("item_emb.weight", model.item_emb.weight))
         if model.out_emb is not None:
             out.append(("out_emb.weight", model.out_emb.weight))
     return out

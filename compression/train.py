@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from compression.configs import ModelConfig, TrainConfig
 from compression.data import Split, pad_left
+from compression.embedding import MixedDimEmbedding
 from compression.evaluate import evaluate_model
 from compression.model import SASRec
 
@@ -167,7 +168,13 @@ def train(
         raise ValueError(f"device={train_cfg.device!r} but torch sees no CUDA GPU; use 'cpu'")
     if init_model is not None and init_model.cfg != model_cfg:
         raise ValueError("init_model.cfg differs from model_cfg")
-    model = (SASRec(model_cfg) if init_model is None else copy.deepcopy(init_model)).to(device)
+    if init_model is None:
+        model = SASRec(model_cfg)
+        if isinstance(model.item_emb, MixedDimEmbedding):
+            model.item_emb.set_popularity(split.item_counts())
+    else:
+        model = copy.deepcopy(init_model)
+    model = model.to(device)
     loss_fn = loss_fn or sasrec_loss(train_cfg.loss_chunk_rows)
     inputs, targets = training_pairs(
         split.train, input_len or model_cfg.max_len, train_cfg.windows == "all"

@@ -266,3 +266,15 @@ def test_embedding_pruning_and_csr_size() -> None:
     assert csr_bytes(sparse.blocks[0].ffn[0].weight) == torch_bytes
     with pytest.raises(ValueError):
         magnitude_prune(model, 1.0)
+
+
+def test_mixed_dimension_models_prune_with_their_popularity_order() -> None:
+    model = tiny(emb_cutoffs=(5, 15), emb_dims=(16, 8, 4))
+    model.item_emb.set_popularity(np.arange(N_ITEMS + 1)[::-1].copy())
+    pruned, _ = structured_prune(model, PruneConfig(heads_keep=2, method="l2"))
+    assert pruned.cfg.emb_cutoffs == (5, 15)
+    assert torch.equal(pruned.item_emb.rows, model.item_emb.rows)
+    assert torch.equal(pruned.item_emb.weight, model.item_emb.weight)
+    _, report = magnitude_prune(model, 0.5, "per_layer", include_embedding=True)
+    tables = [t for t in report.tensors if t.name.startswith("item_emb.tables.")]
+    assert len(tables) == 3 and all(t.sparsity == pytest.approx(0.5, abs=0.05) for t in tables)
