@@ -29,6 +29,7 @@ from compression.configs import (
     NAME_PATTERN,
     DataSpec,
     DistillConfig,
+    ModelFields,
     StudentRecipe,
     TeacherRecipe,
     TrainConfig,
@@ -44,13 +45,13 @@ class _Strict(BaseModel):
 
 class TeacherStep(_Strict):
     name: str | None = Field(None, pattern=NAME_PATTERN, description="default <family>-teacher")
-    model: dict[str, int | float | bool | str | None] = Field(default_factory=dict)
+    model: ModelFields = Field(default_factory=dict)
     train: TrainConfig = TrainConfig()
 
 
 class StudentStep(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
-    model: dict[str, int | float | bool | str | None] = Field(default_factory=dict)
+    model: ModelFields = Field(default_factory=dict)
     train: TrainConfig = TrainConfig()
     distill: DistillConfig | None = None
 

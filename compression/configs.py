@@ -156,20 +156,31 @@ class DataSpec(_Strict):
     min_item_count: int = Field(1, ge=1)
 
 
+# A recipe's `model` table: ModelConfig's fields without n_items (lists: emb_cutoffs/dims).
+ModelFields = dict[str, int | float | bool | str | list[int] | None]
+
+
 class _ModelRecipe(_Strict):
     """A recipe with model sizes but without `n_items`, which comes from the data."""
 
-    model: dict[str, int | float | bool | str | None] = Field(default_factory=dict)
+    model: ModelFields = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _model_fields_valid(self) -> _ModelRecipe:
         if "n_items" in self.model:
             raise ValueError("model.n_items comes from the data; remove it from the recipe")
-        ModelConfig(n_items=1, **self.model)  # type: ignore[arg-type]
+        # Any catalogue size: checks against the real one wait for the data.
+        ModelConfig(n_items=2**31 - 1, **self.model)  # type: ignore[arg-type]
         return self
 
     def model_config_for(self, n_items: int) -> ModelConfig:
-        return ModelConfig(n_items=n_items, **self.model)  # type: ignore[arg-type]
+        """The model for a catalogue of `n_items`; a size that does not fit it (e.g. an
+        emb_cutoffs rank beyond the catalogue) is a ValueError naming the key."""
+        try:
+            return ModelConfig(n_items=n_items, **self.model)  # type: ignore[arg-type]
+        except ValidationError as exc:
+            where = validation_message(exc).removeprefix("recipe: ")
+            raise ValueError(f"model: {where} in this data set") from None
 
 
 class TeacherRecipe(_ModelRecipe):

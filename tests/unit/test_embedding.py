@@ -100,3 +100,14 @@ def test_export_parity_with_a_popularity_order(tmp_path: Path) -> None:
     histories = [rng.integers(1, 61, size=rng.integers(1, 30)) for _ in range(40)]
     report = check_parity(model, path, histories, batch_size=7)
     assert report.max_abs_diff < 1e-4 and report.top10_agreement == 1.0
+
+
+def test_a_recipe_whose_cutoffs_exceed_the_catalogue_names_the_key() -> None:
+    from compression.configs import TeacherRecipe
+
+    recipe = TeacherRecipe(
+        name="t", model={"hidden": 8, "emb_cutoffs": [10, 40], "emb_dims": [8, 4, 2]}
+    )
+    assert recipe.model_config_for(100).emb_cutoffs == (10, 40)
+    with pytest.raises(ValueError, match=r"^model: emb_cutoffs=\[10, 40\].*n_items=20"):
+        recipe.model_config_for(20)
