@@ -23,7 +23,7 @@ def main() -> None:
     store = ModelStore(Path(args.store))
     teacher, _ = store.resolve(args.teacher)
     ref = f"{teacher.name}@{teacher.version}"
-    students = [m for m in store.list() if m.parent == ref]
+    students = [m for m in store.list() if m.parent == ref and m.kind.startswith("student")]
     rows = []
     for m in [teacher, *students]:
         distill = m.recipe.get("distill")
