@@ -8,8 +8,11 @@ teacher's item matrix approximated this way at equal parameter count keeps 59% o
 NDCG@10 without retraining, against 42% for one uniform low rank (README).
 
 `weight` materializes the full `[n_items + 1, out_dim]` matrix (row 0 = padding, zero), so
-lookup and scoring are the same as for a plain table; ONNX export folds it into one
-constant initializer, so serving pays nothing for the factorization.
+lookup and scoring are the same as for a plain table. The exported ONNX file keeps the
+small factors; ONNX Runtime folds them into one matrix when a session starts (all inputs
+are constants), so serving pays nothing per request for the factorization. Trained on
+ML-1M at equal budget it did not beat one uniform 16-wide table (README, "How big must an
+ML-1M student be?"); it learned faster early on.
 """
 
 from __future__ import annotations
