@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from compression.data import leave_one_out
+from compression.embedding import popularity_order
 from compression.evaluate import evaluate_model
 from compression.train import load_checkpoint
 from compression.variants import load_model_data
@@ -68,7 +69,7 @@ def main() -> None:
     split = leave_one_out(load_model_data(manifest))
     teacher = load_checkpoint(folder / "model.pt")
     counts = split.item_counts()
-    order = np.argsort(-counts[1:], kind="stable") + 1
+    order = popularity_order(counts)
     weight = teacher.output_weight.detach()
     full = evaluate_model(teacher, split, "test")
     rows = [{"layout": "teacher (full rank)", "params": int(weight[1:].numel()), **full}]

@@ -25,6 +25,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def popularity_order(counts: np.ndarray) -> np.ndarray:
+    """Item ids (1..n), most trained-on first; ties keep id order (`counts[0]` is padding)."""
+    return np.argsort(-np.asarray(counts)[1:], kind="stable") + 1
+
+
 class MixedDimEmbedding(nn.Module):
     def __init__(
         self, n_items: int, cutoffs: Sequence[int], dims: Sequence[int], out_dim: int
@@ -50,7 +55,7 @@ class MixedDimEmbedding(nn.Module):
                 f"counts has shape {counts.shape}, expected ({self.rows.numel()},): one per "
                 "item id, padding included"
             )
-        order = np.argsort(-counts[1:], kind="stable") + 1  # most popular first
+        order = popularity_order(counts)
         rows = np.zeros_like(order, shape=self.rows.shape)
         rows[order] = np.arange(1, len(order) + 1)
         self.rows.copy_(torch.from_numpy(rows))
