@@ -80,7 +80,8 @@ class ContextStep(_Strict):
 
 class CompareStep(_Strict):
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 64])
-    threads: int = Field(2, ge=1)
+    threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads (service: 1)")
+    visit_runs: int = Field(11, ge=1, description="calls per visit, first untimed; 1 = cold")
     out: str = "benchmarks/results"
 
 

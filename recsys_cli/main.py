@@ -372,7 +372,7 @@ def demo_recipe(data: str) -> Any:
         ],
         prune=[{"source": "demo-teacher", "config": {"blocks_keep": 1, "heads_keep": 1,
                 "fine_tune_epochs": 2}, "train": {"lr": 0.001}}],
-        compare={"batch_sizes": [1, 64], "threads": 2},
+        compare={"batch_sizes": [1, 64]},
     )  # fmt: skip
 
 
@@ -389,7 +389,7 @@ def _build_and_report(recipe: Any, store: Path, progress: bool, repeats: tuple[i
     cmp = recipe.compare
     report = compare_family(
         s, f"{teacher.name}@{teacher.version}", batch_sizes=cmp.batch_sizes,
-        threads=cmp.threads,
+        threads=cmp.threads, visit_runs=cmp.visit_runs,
         repeats={b: repeats[0] if b == 1 else repeats[1] for b in cmp.batch_sizes},
         log=lambda msg: typer.echo(msg, err=True),
     )  # fmt: skip
@@ -514,7 +514,16 @@ def compare(
     out: Annotated[Path, typer.Option(help="Folder for the JSON, markdown and PNG.")] = Path(
         "benchmarks/results"
     ),
-    threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads, all models.")] = 2,
+    threads: Annotated[
+        int, typer.Option(help="ONNX Runtime intra-op threads, all models (service default: 1).")
+    ] = 1,
+    visit_runs: Annotated[
+        int,
+        typer.Option(
+            help="Consecutive calls per visit of a model, the first untimed (warm cache, as "
+            "in a service); 1 times single calls in rotation (cold cache)."
+        ),
+    ] = 11,
     batch_size: Annotated[
         list[int] | None, typer.Option("--batch-size", help="Batch size to time (repeatable).")
     ] = None,
@@ -541,6 +550,7 @@ def compare(
         teacher,
         batch_sizes=sizes,
         threads=threads,
+        visit_runs=visit_runs,
         repeats={b: repeats_b1 if b == 1 else repeats_b64 for b in sizes},
         n_histories=histories,
         all_versions=all_versions,

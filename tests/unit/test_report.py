@@ -23,6 +23,7 @@ from compression.report import (
     fastest_keeping,
     find_family,
     mark_pareto,
+    measure_latency,
     ndcg_retention,
     pareto_front,
     write_report,
@@ -112,6 +113,39 @@ def test_compare_family_measures_agreement_latency_and_retention(store: ModelSto
     assert teacher.speedup == {1: 1.0, 4: 1.0}
     assert any(v.on_pareto_front for v in report.variants)
     assert report.dataset["n_items"] == m_t.dataset.n_items
+
+
+class _CacheSession:
+    """A fake ORT session whose call takes 3 ms right after another session's call (its
+    weights left the cache) and 1 ms after its own."""
+
+    def __init__(self, last: list[object]) -> None:
+        self.calls, self.last = 0, last
+
+    def run(self, _outputs: object, _feed: object) -> None:
+        import time
+
+        self.calls += 1
+        time.sleep(0.001 if self.last[0] is self else 0.003)
+        self.last[0] = self
+
+
+@pytest.mark.parametrize(("visit_runs", "expect_ms"), [(1, 3.0), (4, 1.0)])
+def test_latency_visits_time_warm_calls_and_keep_counts_equal(visit_runs, expect_ms) -> None:
+    last: list[object] = [None]  # the session that ran last, shared like a CPU cache
+    sessions = [_CacheSession(last), _CacheSession(last)]
+    histories = [torch.arange(1, 6).numpy() for _ in range(4)]
+    reps = 7  # not a multiple of the 3 timed calls per visit: the last visit is shorter
+    lat = measure_latency(sessions, [8, 8], histories, [1], {1: reps}, warmup=0,
+                          visit_runs=visit_runs)  # fmt: skip
+    for session, result in zip(sessions, lat, strict=True):
+        assert result[1].runs == reps
+        assert result[1].p50_ms == pytest.approx(expect_ms, abs=0.9)
+        # one untimed call opens each visit when visits are longer than one call
+        visits = -(-reps // (visit_runs - 1)) if visit_runs > 1 else 0
+        assert session.calls == reps + visits
+    with pytest.raises(ValueError, match="visit_runs"):
+        measure_latency(sessions, [8, 8], histories, [1], {1: 1}, visit_runs=0)
 
 
 def test_retention_math() -> None:
