@@ -333,8 +333,9 @@ def measure_latency(
             count = min(timed_per_visit, reps - done)
             for i in range(n):
                 k = (r + i) % n
-                for j in range(untimed):
-                    feed = {INPUT_NAME: inputs[k][(done + j) % len(batches)]}
+                for j in range(untimed):  # another batch than the timed ones: warm the
+                    # weights, not the rows of the items about to be looked up
+                    feed = {INPUT_NAME: inputs[k][(done + count + j) % len(batches)]}
                     sessions[k].run([OUTPUT_NAME], feed)
                 for j in range(done, done + count):
                     feed = {INPUT_NAME: inputs[k][j % len(batches)]}
