@@ -53,18 +53,24 @@ def seed_everything(seed: int) -> np.random.Generator:
 
 
 def training_pairs(
-    train: list[np.ndarray], max_len: int, all_windows: bool = False
+    train: list[np.ndarray], max_len: int, all_windows: bool = False, stride: int | None = None
 ) -> tuple[list[np.ndarray], ...]:
     """(input, target) pairs: predict item t+1 from items <= t.
 
     One pair per user covers the last `max_len` steps. With `all_windows`, histories longer
     than that are cut into consecutive `max_len`-step windows back to the first item, so every
     training interaction is a target exactly once (on ML-1M: 988k targets instead of 652k).
+    `stride` < `max_len` makes a window end every `stride` steps instead: for a model that
+    reads only the last `stride` positions of `max_len`-step inputs (a short-context student
+    under a long-context teacher), every step is then one of those positions exactly once.
     """
+    step = stride or max_len
+    if not 1 <= step <= max_len:
+        raise ValueError(f"stride must be in [1, max_len={max_len}], got {stride}")
     inputs, targets = [], []
     for seq in train:
         steps = len(seq) - 1
-        ends = range(steps, 0, -max_len) if all_windows else [steps] * (steps > 0)
+        ends = range(steps, 0, -step) if all_windows else [steps] * (steps > 0)
         for end in ends:
             start = max(0, end - max_len)
             inputs.append(seq[start:end])
@@ -176,8 +182,14 @@ def train(
         model = copy.deepcopy(init_model)
     model = model.to(device)
     loss_fn = loss_fn or sasrec_loss(train_cfg.loss_chunk_rows)
+    # Windows as long as the teacher reads, one every `max_len` steps: the model is trained
+    # on the last `max_len` positions of each, so every step once (without the stride, a
+    # 50-item student under a 200-item teacher saw only a quarter of the steps).
     inputs, targets = training_pairs(
-        split.train, input_len or model_cfg.max_len, train_cfg.windows == "all"
+        split.train,
+        max(input_len or 0, model_cfg.max_len),
+        train_cfg.windows == "all",
+        stride=model_cfg.max_len,
     )
     if not inputs:
         raise ValueError("no user has 2+ training items; nothing to train on")

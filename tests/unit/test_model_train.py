@@ -215,3 +215,16 @@ def test_all_windows_make_every_training_step_a_target_once() -> None:
     assert [t.tolist() for t in targets] == [[8, 9, 10, 11], [4, 5, 6, 7], [2, 3], [6]]
     assert [x.tolist() for x in inputs] == [[7, 8, 9, 10], [3, 4, 5, 6], [1, 2], [5]]
     assert all(len(x) <= 4 for x in inputs)
+
+
+def test_strided_windows_put_every_step_in_the_last_stride_positions_once() -> None:
+    # A model reading the last 3 positions of 6-step inputs (a short student, a long teacher).
+    seqs = [np.arange(1, 12), np.array([5, 6])]
+    inputs, targets = training_pairs(seqs, 6, all_windows=True, stride=3)
+    assert [x.tolist() for x in inputs] == [
+        [5, 6, 7, 8, 9, 10], [2, 3, 4, 5, 6, 7], [1, 2, 3, 4], [1], [5]
+    ]  # fmt: skip
+    trained = [t for ts in targets for t in ts[-3:].tolist()]
+    assert sorted(trained) == sorted([*range(2, 12), 6])  # every target once, per user
+    with pytest.raises(ValueError, match="stride"):
+        training_pairs(seqs, 6, all_windows=True, stride=7)
