@@ -50,6 +50,7 @@ WARMUP_RUNS = 3  # untimed runs per variant and batch size before the timed loop
 VISIT_RUNS = 11  # consecutive calls per visit of a variant; the first is not timed
 _SCORE_BATCH = 256  # histories per ONNX call when measuring agreement
 _MAX_DISTINCT_BATCHES = 64  # distinct input batches cycled through per batch size
+MAX_LABELLED_POINTS = 12  # a chart with more variants names only the teacher and the front
 
 
 def default_repeats(batch_size: int) -> int:
@@ -612,6 +613,15 @@ def summary_line(report: Report) -> str:
     )
 
 
+def chart_labels(variants: Sequence[VariantResult], batch_size: int) -> list[str]:
+    """The variants a chart panel names: all of them up to `MAX_LABELLED_POINTS`; past that
+    the names overlap into noise, so only the teacher and the Pareto front (every point is
+    in the table next to the chart)."""
+    if len(variants) <= MAX_LABELLED_POINTS:
+        return [v.ref for v in variants]
+    return [v.ref for v in variants if v.is_teacher or v.pareto.get(batch_size)]
+
+
 def render_png(report: Report, path: Path) -> None:
     """Latency (log x, p50 with a bar to p99) vs NDCG@10, one panel per batch size (at most
     two: the Pareto batch size and the largest), labelled points, the front as a step line."""
@@ -627,6 +637,7 @@ def render_png(report: Report, path: Path) -> None:
     FigureCanvasAgg(fig)
     for col, bs in enumerate(sizes):
         ax = fig.add_subplot(1, len(sizes), col + 1)
+        named = set(chart_labels(rated, bs))
         for v in rated:
             lat = v.latency[bs]
             style = (
@@ -642,9 +653,10 @@ def render_png(report: Report, path: Path) -> None:
             ax.errorbar(lat.p50_ms, v.test_ndcg10, xerr=[[0.0], [lat.p99_ms - lat.p50_ms]],
                         fmt="none", ecolor="lightgray", elinewidth=1, zorder=2)  # fmt: skip
             ax.scatter([lat.p50_ms], [v.test_ndcg10], **style)
-            label = f"{v.ref} (teacher)" if v.is_teacher else v.ref
-            ax.annotate(label, (lat.p50_ms, v.test_ndcg10), textcoords="offset points",
-                        xytext=(5, 5), fontsize=8)  # fmt: skip
+            if v.ref in named:
+                label = f"{v.ref} (teacher)" if v.is_teacher else v.ref
+                ax.annotate(label, (lat.p50_ms, v.test_ndcg10), textcoords="offset points",
+                            xytext=(5, 5), fontsize=8)  # fmt: skip
         teacher = next((v for v in rated if v.is_teacher), None)
         if teacher is not None and teacher.test_ndcg10:
             floor = report.min_retention * teacher.test_ndcg10
@@ -664,7 +676,8 @@ def render_png(report: Report, path: Path) -> None:
             ax.set_xlim(left, right)
         ax.set_xlabel(f"p50 latency at batch {bs}, ms (log; bar to p99)")
         ax.set_ylabel("test NDCG@10")
-        ax.set_title(f"{report.family} family, batch {bs}, {report.threads} threads", fontsize=10)
+        threads = f"{report.threads} thread{'s' if report.threads > 1 else ''}"
+        ax.set_title(f"{report.family} family, batch {bs}, {threads}", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     fig.savefig(path, dpi=110)

@@ -16,9 +16,11 @@ from compression.model import SASRec
 from compression.pipeline import train_teacher
 from compression.quantize import QuantizeConfig
 from compression.report import (
+    MAX_LABELLED_POINTS,
     Latency,
     Report,
     VariantResult,
+    chart_labels,
     compare_family,
     fastest_keeping,
     find_family,
@@ -193,6 +195,16 @@ def _crafted_report() -> Report:
         skipped=[{"ref": "old@1", "reason": "no model.onnx"}], pareto_batch_size=1,
         best=fastest_keeping(variants, 1),
     )  # fmt: skip
+
+
+def test_chart_names_every_point_until_crowded_then_teacher_and_front() -> None:
+    few = _crafted_report().variants
+    assert chart_labels(few, 1) == ["t@1", "fast@1", "good@1", "slow@1"]
+    crowd = few + [
+        _variant(f"extra{i}@1", {1: 5.0 + i, 64: 50.0 + i}, 0.1) for i in range(MAX_LABELLED_POINTS)
+    ]
+    mark_pareto(crowd)
+    assert chart_labels(crowd, 1) == ["t@1", "fast@1", "good@1"]  # the front at batch 1
 
 
 def test_pareto_marking_and_fastest_variant_keeping_97_percent() -> None:
