@@ -185,11 +185,9 @@ def train(
     # Windows as long as the teacher reads, one every `max_len` steps: the model is trained
     # on the last `max_len` positions of each, so every step once (without the stride, a
     # 50-item student under a 200-item teacher saw only a quarter of the steps).
+    window = max(input_len or 0, model_cfg.max_len)
     inputs, targets = training_pairs(
-        split.train,
-        max(input_len or 0, model_cfg.max_len),
-        train_cfg.windows == "all",
-        stride=model_cfg.max_len,
+        split.train, window, train_cfg.windows == "all", stride=model_cfg.max_len
     )
     if not inputs:
         raise ValueError("no user has 2+ training items; nothing to train on")
@@ -214,9 +212,8 @@ def train(
         batches = list(length_bucketed_batches(lengths, train_cfg.batch_size, rng))
         bar = tqdm(batches, desc=f"epoch {epoch}", disable=not progress, leave=False)
         for idx in bar:
-            width = input_len or model_cfg.max_len
-            x = torch.from_numpy(pad_left([inputs[i] for i in idx], width)).to(device)
-            y = torch.from_numpy(pad_left([targets[i] for i in idx], width)).to(device)
+            x = torch.from_numpy(pad_left([inputs[i] for i in idx], window)).to(device)
+            y = torch.from_numpy(pad_left([targets[i] for i in idx], window)).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=train_cfg.bf16):
                 loss = loss_fn(model, x, y, rows=idx)
             optimizer.zero_grad(set_to_none=True)
