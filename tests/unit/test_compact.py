@@ -45,7 +45,9 @@ def test_compact_names_keeps_scores_and_shrinks(tmp_path: Path) -> None:
         before, size = scores(path, batch(MAX_LEN)), path.stat().st_size
         compact_file(path)
         compact_file(path)  # again: already short names must not collide
-        np.testing.assert_array_equal(scores(path, batch(MAX_LEN)), before)
+        # Not bit-equal: without the shape annotations ONNX Runtime fuses one LayerNorm
+        # fewer (SkipLayerNormalization needs the rank), which moves the last float bits.
+        np.testing.assert_allclose(scores(path, batch(MAX_LEN)), before, rtol=0, atol=1e-6)
         assert path.stat().st_size < size
         graph = onnx.load(str(path)).graph
         assert not graph.value_info

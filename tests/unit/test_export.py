@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -25,7 +26,18 @@ def histories(n: int = 40) -> list[np.ndarray]:
     return [rng.integers(1, 61, size=rng.integers(1, 30)) for _ in range(n)]  # some > max_len
 
 
-@pytest.mark.parametrize("kw", [{}, {"emb_dim": 8}, {"positions": "from_end"}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"emb_dim": 8},
+        {"positions": "from_end"},
+        {"tied": False},
+        {"n_blocks": 1},
+        {"head_dim": 4},  # heads pruned: attention narrower than hidden
+        {"emb_cutoffs": (20,), "emb_dims": (8, 4)},  # written by PyTorch's exporter
+    ],
+)
 def test_export_signature_and_parity(tmp_path: Path, kw: dict) -> None:
     m = model(**kw)
     path = tmp_path / "model.onnx"
@@ -56,3 +68,21 @@ def test_top_k_agreement() -> None:
     b = a.copy()
     b[0, 1:] = b[0, 1:][::-1]  # reversed ranking: top-10 disjoint
     assert top_k_agreement(a, b) == 0.0
+
+
+def test_graph_is_standard_onnx_and_ignores_padding_and_zeros_inside(tmp_path: Path) -> None:
+    m = model()
+    path = tmp_path / "model.onnx"
+    export_onnx(m, path)
+    graph = onnx.load(str(path)).graph
+    # standard domain only: FP16 conversion and TensorRT read the same file
+    assert {n.domain for n in graph.node} <= {""}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids = np.array([[0, 0, 0, 5, 9, 2], [0, 0, 0, 0, 0, 7], [4, 0, 8, 3, 0, 6]], np.int64)
+    got = session.run(["scores"], {"item_ids": ids})[0]
+    with torch.inference_mode():
+        want = m(torch.from_numpy(ids)).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # more left padding changes nothing
+    wider = np.concatenate([np.zeros((3, 4), np.int64), ids], axis=1)
+    np.testing.assert_allclose(session.run(["scores"], {"item_ids": wider})[0], got, atol=1e-5)
