@@ -161,17 +161,50 @@ def _settings(schema: type[BaseModel], stored: dict[str, Any], *drop: str) -> di
         return None
 
 
+def _graph_is_current(store: ModelStore, m: Manifest) -> bool:
+    """True when `m`'s ONNX file comes from today's graph writer, or from PyTorch's exporter
+    for a model the writer does not cover (mixed-dimension item embeddings)."""
+    import onnx
+
+    from compression.onnx_graph import PRODUCER
+
+    if m.architecture.get("emb_cutoffs") is not None:
+        return True
+    _, folder = store.resolve(_ref(m))
+    return onnx.load(str(folder / "model.onnx"), load_external_data=False).producer_name == PRODUCER
+
+
 def _with_onnx(store: ModelStore, m: Manifest, log: Callable[[str], None]) -> Manifest:
-    """`m`, or its ONNX re-export (made now if missing) when `m` predates ONNX export."""
+    """`m`, or a re-export of its checkpoint (made now if missing) when `m` has no ONNX graph
+    or one written by PyTorch's exporter: `compression/onnx_graph.py` computes the same
+    scores with fewer nodes, faster per call. Variants made from the old graph are then
+    rebuilt from the new one (their parent changed); fine-tunes of the weights are not."""
     from compression.variants import export_stored
 
-    if "model.onnx" in m.artifacts:
+    if "model.onnx" in m.artifacts and (
+        "model.pt" not in m.artifacts or _graph_is_current(store, m)
+    ):
         return m
-    found = _existing(store, m.name, lambda x: x.recipe.get("exported_from") == _ref(m))
+
+    def current_export(x: Manifest) -> bool:
+        return x.recipe.get("exported_from") == _ref(m) and _graph_is_current(store, x)
+
+    found = _existing(store, m.name, current_export)
     if found is None:
         found = export_stored(store, _ref(m))
         log(f"{m.name}: exported {_ref(m)} to ONNX as {_ref(found)}")
     return found
+
+
+def _same_weights(store: ModelStore, m: Manifest) -> set[str]:
+    """`m` and every stored re-export of the same checkpoint (`exported_from`)."""
+    origin = m.recipe.get("exported_from", _ref(m))
+    refs = {origin, _ref(m)}
+    for version in store.versions(m.name):
+        other, _ = store.resolve(f"{m.name}@{version}")
+        if other.recipe.get("exported_from") == origin:
+            refs.add(_ref(other))
+    return refs
 
 
 def run_build(
@@ -215,8 +248,8 @@ def run_build(
         trained = train_teacher(teacher_recipe, store, progress, log).manifest
     teacher = _with_onnx(store, trained, log)
     built[teacher.name] = teacher
-    # Students distilled from the checkpoint-only version count as students of its export.
-    teacher_refs = {_ref(trained), _ref(teacher)}
+    # Students distilled from any version holding these weights are students of this one.
+    teacher_refs = _same_weights(store, teacher)
 
     for step in recipe.students:
         student = StudentRecipe(
@@ -249,9 +282,11 @@ def run_build(
         cfg = _prune_config(p_step)
         parent = source(p_step.source)
         name = p_step.name or f"{p_step.source}-pruned"
-        found = reuse(name, lambda m, c=cfg, p=parent: m.parent == p  # type: ignore[misc]
+        # A fine-tune of the same weights is reused whichever export of them it came from.
+        same = _same_weights(store, built[p_step.source])
+        found = reuse(name, lambda m, c=cfg, s=same: m.parent in s  # type: ignore[misc]
                       and m.recipe.get("prune") == _plain(c))  # fmt: skip
-        built[name] = found or prune_variant(
+        built[name] = _with_onnx(store, found, log) if found else prune_variant(
             store, parent, cfg, name=name, train_cfg=p_step.train, distill_cfg=p_step.distill,
             log=log,
         )  # fmt: skip

@@ -32,6 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 from compression.model import SASRec
 
 OPSET = 17
+PRODUCER = "recsys-compression"  # tells this writer's files from PyTorch's ("pytorch")
 MASKED = -1e4  # additive score of a hidden key
 # Above any position index; fits int32 (TensorRT narrows int64 constants).
 _FAR = 2**30
@@ -232,7 +233,7 @@ def build(model: SASRec, input_name: str, output_name: str) -> onnx.ModelProto:
     )
     onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     onnx_model.ir_version = 8  # readable by every ONNX Runtime this project supports
-    onnx_model.producer_name = "recsys-compression"
+    onnx_model.producer_name = PRODUCER
     onnx.checker.check_model(onnx_model, full_check=True)
     return onnx_model
 

@@ -124,3 +124,50 @@ def test_a_teacher_stored_before_a_newer_setting_existed_is_still_reused(tmp_pat
     again = run_build(recipe, store, progress=False, log=logs.append)["tiny-teacher"]
     assert again.version == older.version
     assert any("reusing" in line for line in logs)
+
+
+def test_a_family_exported_by_pytorch_is_upgraded_without_training_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnx
+
+    import compression.build
+    import compression.export
+    import compression.variants
+    from compression.onnx_graph import PRODUCER
+
+    path = tmp_path / "tiny.toml"
+    path.write_text(RECIPE)
+    recipe = load_build_recipe(path)
+    store = ModelStore(tmp_path / "store")
+    real = compression.export.export_onnx
+
+    def torch_export(model: object, out: Path, writer: str = "graph") -> None:
+        real(model, out, writer="torch")  # type: ignore[arg-type]
+
+    # a store built before the graph writer existed (and before builds looked at the writer)
+    for module in (compression.export, compression.variants):
+        monkeypatch.setattr(module, "export_onnx", torch_export)
+    monkeypatch.setattr(compression.build, "_graph_is_current", lambda store, m: True)
+    old = run_build(recipe, store, progress=False, log=lambda _: None)
+    monkeypatch.undo()
+
+    def producer(m: object) -> str:
+        _, folder = store.resolve(f"{m.name}@{m.version}")  # type: ignore[attr-defined]
+        return onnx.load(str(folder / "model.onnx")).producer_name
+
+    assert producer(old["tiny-teacher"]) == "pytorch"
+    logs: list[str] = []
+    new = run_build(recipe, store, progress=False, log=logs.append)
+    for name in ("tiny-teacher", "tiny-student", "tiny-teacher-pruned"):  # same weights
+        assert new[name].recipe["exported_from"] == f"{name}@{old[name].version}"
+        assert producer(new[name]) == PRODUCER
+        assert new[name].metrics["test_ndcg@10"] == old[name].metrics["test_ndcg@10"]
+    assert any("tiny-teacher-pruned: reusing" in line for line in logs)  # no new fine-tune
+    assert any("tiny-student: reusing" in line for line in logs)  # no new distillation
+    # variants made from a graph are made again from the new one
+    student = new["tiny-student"]
+    assert new["tiny-student-int8-dynamic"].parent == f"tiny-student@{student.version}"
+    assert new["tiny-teacher-fp16"].parent == f"tiny-teacher@{new['tiny-teacher'].version}"
+    again = run_build(recipe, store, progress=False, log=lambda _: None)
+    assert {n: m.version for n, m in again.items()} == {n: m.version for n, m in new.items()}
