@@ -3,7 +3,7 @@
 Why not `torch.onnx.export`: traced with dynamic batch and length axes, every reshape of the
 model became shape arithmetic (`Shape`, `Gather`, `Unsqueeze`, `Concat`), the boolean mask
 of `scaled_dot_product_attention` became `IsNaN`/`Where` guards, and the padding rows were
-zeroed after every block. The ML-1M teacher's graph had 122 nodes after ONNX Runtime's own
+zeroed after every block. The ML-1M teacher's graph had 124 nodes after ONNX Runtime's own
 optimizations, and ORT pays about a microsecond per node per call. This graph computes the
 same scores with standard ONNX ops only (so FP16 conversion and TensorRT take it as before):
 
@@ -15,10 +15,10 @@ same scores with standard ONNX ops only (so FP16 conversion and TensorRT take it
   with no item at all gets different, equally meaningless scores; the service answers it
   with the popularity fallback and never runs a model on it.
 
-67 nodes after ORT's optimizations for the same teacher (50-item INT8 variant), 12-16%
-faster per call at batch 1 and 64 (README, "Lean ONNX graph").
-Mixed-dimension item embeddings are not written here (`supports` says so); `export_onnx`
-falls back to the PyTorch exporter for them.
+The ML-1M teacher: 82 nodes instead of 250, 72 instead of 124 after ORT's own optimizations;
+1.08-1.39x faster per call for teachers, students and their INT8 variants, at batch 1 and 64
+(`benchmarks/graph_writer.py`, README "ONNX graph"). Mixed-dimension item embeddings are
+not written here (`supports` says so); `export_onnx` falls back to PyTorch's exporter.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import math
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from torch import nn
 
 from compression.model import SASRec
 
@@ -41,13 +42,14 @@ _END = 2**31 - 1  # Slice end "to the end", also int32-safe
 
 def supports(model: SASRec) -> bool:
     """True when `build` can write `model` (plain or factorized item table)."""
-    return hasattr(model.item_emb, "embedding_dim")
+    return isinstance(model.item_emb, nn.Embedding)
 
 
 class _Graph:
     """Nodes and initializers with generated, unique names."""
 
-    def __init__(self) -> None:
+    def __init__(self, state: dict[str, np.ndarray]) -> None:
+        self.state = state  # the model's weights by module path
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._names: set[str] = set()
@@ -76,149 +78,84 @@ class _Graph:
     def one(self, op_type: str, inputs: list[str], **attrs: object) -> str:
         return self.op(op_type, inputs, **attrs)[0]
 
+    def dense(self, x: str, prefix: str, weight: np.ndarray, bias: np.ndarray) -> str:
+        """x @ weight.T + bias (a torch Linear's layout)."""
+        outer, self.scope = self.scope, prefix
+        y = self.one("MatMul", [x, self.weight(f"{prefix}.weight_t", weight.T)])
+        y = self.one("Add", [y, self.weight(f"{prefix}.bias", bias)])
+        self.scope = outer
+        return y
+
+    def linear(self, x: str, prefix: str) -> str:
+        return self.dense(x, prefix, self.state[f"{prefix}.weight"], self.state[f"{prefix}.bias"])
+
+    def norm(self, x: str, prefix: str, eps: float) -> str:
+        gamma = self.weight(f"{prefix}.weight", self.state[f"{prefix}.weight"])
+        beta = self.weight(f"{prefix}.bias", self.state[f"{prefix}.bias"])
+        return self.one("LayerNormalization", [x, gamma, beta], axis=-1, epsilon=eps)
+
+    def mask(self, allowed: str, axes: list[int]) -> str:
+        """Additive attention bias from a boolean `allowed`, with `axes` unsqueezed."""
+        visible, masked = (
+            self.const("visible", 0.0, np.float32),
+            self.const("masked", MASKED, np.float32),
+        )
+        bias = self.one("Where", [allowed, visible, masked])
+        return self.one("Unsqueeze", [bias, self.const(f"axes_{'_'.join(map(str, axes))}", axes)])
+
 
 def build(model: SASRec, input_name: str, output_name: str) -> onnx.ModelProto:
     """The graph `item_ids [batch, length] -> scores [batch, n_items + 1]` of `model`."""
     if not supports(model):
         raise ValueError("mixed-dimension item embeddings: use the PyTorch exporter")
     cfg = model.cfg
-    state = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()}
-    g = _Graph()
-    ids = g.one(
-        "Slice",
-        [
-            input_name,
-            g.const("window_start", [-cfg.max_len]),
-            g.const("end", [_END]),
-            g.const("axis_1", [1]),
-        ],
-    )
+    g = _Graph({k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()})
+    window = [
+        g.const("window_start", [-cfg.max_len]),
+        g.const("end", [_END]),
+        g.const("axis_1", [1]),
+    ]
+    ids = g.one("Slice", [input_name, *window])
     valid = g.one("Greater", [ids, g.const("zero", 0)])
     counts = g.one("CumSum", [g.one("Cast", [valid], to=TensorProto.INT64), g.const("axis", 1)])
-    if cfg.positions == "from_start":
-        positions = g.one("Max", [g.one("Sub", [counts, g.const("one", 1)]), g.const("zero", 0)])
-    else:
-        ones = g.one(
-            "Cast", [g.one("GreaterOrEqual", [ids, g.const("zero", 0)])], to=TensorProto.INT64
-        )
-        positions = g.one(
-            "Sub", [g.one("CumSum", [ones, g.const("axis", 1)], reverse=1), g.const("one", 1)]
-        )
 
-    items = g.weight("item_emb.weight", state["item_emb.weight"])
+    g.scope = "embed"
+    items = g.weight("item_emb.weight", g.state["item_emb.weight"])
     x = g.one("Gather", [items, ids])
     scale = math.sqrt(cfg.hidden)
     if model.in_proj is not None:  # the sqrt(hidden) scale folded into the projection
-        x = g.one("MatMul", [x, g.weight("in_proj.weight_t", state["in_proj.weight"].T * scale)])
+        x = g.one("MatMul", [x, g.weight("in_proj.weight_t", g.state["in_proj.weight"].T * scale)])
     else:
         x = g.one("Mul", [x, g.const("sqrt_hidden", scale, np.float32)])
-    table = g.weight("pos_emb.weight", state["pos_emb.weight"])
-    x = g.one("Add", [x, g.one("Gather", [table, positions])])
-
-    def mask(allowed: str, axes: list[int]) -> str:
-        bias = g.one(
-            "Where",
-            [allowed, g.const("visible", 0.0, np.float32), g.const("masked", MASKED, np.float32)],
-        )
-        return g.one("Unsqueeze", [bias, g.const(f"axes_{'_'.join(map(str, axes))}", axes)])
+    table = g.weight("pos_emb.weight", g.state["pos_emb.weight"])
+    x = g.one("Add", [x, g.one("Gather", [table, _positions(g, cfg.positions, ids, counts)])])
 
     n_blocks = len(model.blocks)
     # Key j is visible to query i when it is an item and not later: compare item counts,
     # padding keys pushed out of reach (also right for zeros inside a history).
-    causal = None
+    causal = ""
     if n_blocks > 1:
         key_counts = g.one("Where", [valid, counts, g.const("far", _FAR)])
         k_row = g.one("Unsqueeze", [key_counts, g.const("axes_1", [1])])
         q_col = g.one("Unsqueeze", [counts, g.const("axes_2", [2])])
-        causal = mask(g.one("LessOrEqual", [k_row, q_col]), [1])  # [batch, 1, L, L]
-    last_keys = mask(valid, [1, 2])  # [batch, 1, 1, L]: the last query sees every item
-
-    def w(name: str) -> np.ndarray:
-        return state[name]
-
-    def dense(x: str, prefix: str, weight: np.ndarray, bias: np.ndarray) -> str:
-        outer, g.scope = g.scope, prefix
-        y = g.one("MatMul", [x, g.weight(f"{prefix}.weight_t", weight.T)])
-        y = g.one("Add", [y, g.weight(f"{prefix}.bias", bias)])
-        g.scope = outer
-        return y
-
-    def norm(x: str, prefix: str, eps: float) -> str:
-        gamma = g.weight(f"{prefix}.weight", w(f"{prefix}.weight"))
-        beta = g.weight(f"{prefix}.bias", w(f"{prefix}.bias"))
-        return g.one("LayerNormalization", [x, gamma, beta], axis=-1, epsilon=eps)
-
-    heads, head_dim = cfg.n_heads, cfg.attn_head_dim
-    inner = heads * head_dim
-    q_scale = 1.0 / math.sqrt(head_dim)
-    for b, block in enumerate(model.blocks):
-        p = f"blocks.{b}"
-        g.scope = f"{p}/attn"
-        qkv_w, qkv_b = w(f"{p}.attn.qkv.weight").copy(), w(f"{p}.attn.qkv.bias").copy()
-        qkv_w[:inner] *= q_scale
-        qkv_b[:inner] *= q_scale
-        h = norm(x, f"{p}.ln1", block.ln1.eps)
+        causal = g.mask(g.one("LessOrEqual", [k_row, q_col]), [1])  # [batch, 1, L, L]
+    last_keys = g.mask(valid, [1, 2])  # [batch, 1, 1, L]: the last query sees every item
+    for b in range(n_blocks):
         last = b == n_blocks - 1
-        if last:  # only the last position queries; every position is a key and a value
-            x = g.one(
-                "Slice",
-                [x, g.const("last_start", [-1]), g.const("end", [_END]), g.const("axis_1", [1])],
-            )
-            q = dense(
-                g.one("Slice", [h, "last_start", "end", "axis_1"]),
-                f"{p}.attn.q",
-                qkv_w[:inner],
-                qkv_b[:inner],
-            )
-            kv = dense(h, f"{p}.attn.kv", qkv_w[inner:], qkv_b[inner:])
-            q = g.one("Reshape", [q, g.const("heads_shape", [0, 0, heads, head_dim])])
-            k, v = g.op(
-                "Split",
-                [g.one("Reshape", [kv, g.const("kv_shape", [0, 0, 2 * heads, head_dim])])],
-                outputs=2,
-                axis=2,
-            )
-            bias = last_keys
-        else:
-            qkv = dense(h, f"{p}.attn.qkv", qkv_w, qkv_b)
-            q, k, v = g.op(
-                "Split",
-                [g.one("Reshape", [qkv, g.const("qkv_shape", [0, 0, 3 * heads, head_dim])])],
-                outputs=3,
-                axis=2,
-            )
-            assert causal is not None
-            bias = causal
-        q = g.one("Transpose", [q], perm=[0, 2, 1, 3])  # [batch, heads, queries, dim]
-        k = g.one("Transpose", [k], perm=[0, 2, 3, 1])  # [batch, heads, dim, keys]
-        v = g.one("Transpose", [v], perm=[0, 2, 1, 3])
-        weights = g.one("Softmax", [g.one("Add", [g.one("MatMul", [q, k]), bias])], axis=-1)
-        y = g.one("Transpose", [g.one("MatMul", [weights, v])], perm=[0, 2, 1, 3])
-        y = g.one("Reshape", [y, g.const("inner_shape", [0, 0, inner])])
-        x = g.one(
-            "Add",
-            [x, dense(y, f"{p}.attn.proj", w(f"{p}.attn.proj.weight"), w(f"{p}.attn.proj.bias"))],
-        )
-        g.scope = f"{p}/ffn"
-        f = dense(
-            norm(x, f"{p}.ln2", block.ln2.eps),
-            f"{p}.ffn.0",
-            w(f"{p}.ffn.0.weight"),
-            w(f"{p}.ffn.0.bias"),
-        )
-        f = _gelu(g, f)
-        x = g.one("Add", [x, dense(f, f"{p}.ffn.2", w(f"{p}.ffn.2.weight"), w(f"{p}.ffn.2.bias"))])
+        x = _block(g, model, b, x, last_keys if last else causal, last)
 
     g.scope = "output"
-    query = g.one(
-        "Squeeze", [norm(x, "final_ln", model.final_ln.eps), g.const("axes_1", [1])]
-    )  # [batch, hidden]
+    query = g.one("Squeeze", [g.norm(x, "final_ln", model.final_ln.eps), g.const("axes_1", [1])])
     if model.out_proj is not None:
-        query = g.one("MatMul", [query, g.weight("out_proj.weight_t", state["out_proj.weight"].T)])
+        query = g.one(
+            "MatMul", [query, g.weight("out_proj.weight_t", g.state["out_proj.weight"].T)]
+        )
     # Gemm(transB=1) on the very matrix the input Gather reads: one copy of it in the file,
     # and the form `quantize_item_matrix` rewrites into an int8 product.
-    matrix = items if model.out_emb is None else g.weight("out_emb.weight", state["out_emb.weight"])
-    n_rows = state["item_emb.weight"].shape[0]
+    matrix = (
+        items if model.out_emb is None else g.weight("out_emb.weight", g.state["out_emb.weight"])
+    )
+    n_rows = g.state["item_emb.weight"].shape[0]
     zero = g.weight("scores_bias", np.zeros(n_rows, np.float32))
     g.nodes.append(
         helper.make_node("Gemm", [query, matrix, zero], [output_name], name="scores", transB=1)
@@ -236,6 +173,53 @@ def build(model: SASRec, input_name: str, output_name: str) -> onnx.ModelProto:
     onnx_model.producer_name = PRODUCER
     onnx.checker.check_model(onnx_model, full_check=True)
     return onnx_model
+
+
+def _positions(g: _Graph, scheme: str, ids: str, counts: str) -> str:
+    """Position of every slot: items counted from the window start (padding clamped to 0),
+    or slots counted back from the most recent one (`from_end`)."""
+    if scheme == "from_start":
+        return g.one("Max", [g.one("Sub", [counts, g.const("one", 1)]), g.const("zero", 0)])
+    every = g.one("GreaterOrEqual", [ids, g.const("zero", 0)])
+    back = g.one(
+        "CumSum", [g.one("Cast", [every], to=TensorProto.INT64), g.const("axis", 1)], reverse=1
+    )
+    return g.one("Sub", [back, g.const("one", 1)])
+
+
+def _block(g: _Graph, model: SASRec, b: int, x: str, bias: str, last: bool) -> str:
+    """Pre-LN block `b`; in the `last` one only the last position queries (every position is
+    still a key and a value) and the result is `[batch, 1, hidden]`."""
+    cfg, block, p = model.cfg, model.blocks[b], f"blocks.{b}"
+    heads, head_dim = cfg.n_heads, cfg.attn_head_dim
+    inner = heads * head_dim
+    g.scope = f"{p}/attn"
+    qkv_w, qkv_b = g.state[f"{p}.attn.qkv.weight"].copy(), g.state[f"{p}.attn.qkv.bias"].copy()
+    qkv_w[:inner] /= math.sqrt(head_dim)  # queries pre-scaled
+    qkv_b[:inner] /= math.sqrt(head_dim)
+    h = g.norm(x, f"{p}.ln1", block.ln1.eps)
+    if last:
+        last_only = [g.const("last_start", [-1]), g.const("end", [_END]), g.const("axis_1", [1])]
+        x = g.one("Slice", [x, *last_only])
+        q = g.dense(g.one("Slice", [h, *last_only]), f"{p}.attn.q", qkv_w[:inner], qkv_b[:inner])
+        q = g.one("Reshape", [q, g.const("heads_shape", [0, 0, heads, head_dim])])
+        kv = g.dense(h, f"{p}.attn.kv", qkv_w[inner:], qkv_b[inner:])
+        kv = g.one("Reshape", [kv, g.const("kv_shape", [0, 0, 2 * heads, head_dim])])
+        k, v = g.op("Split", [kv], outputs=2, axis=2)
+    else:
+        qkv = g.dense(h, f"{p}.attn.qkv", qkv_w, qkv_b)
+        qkv = g.one("Reshape", [qkv, g.const("qkv_shape", [0, 0, 3 * heads, head_dim])])
+        q, k, v = g.op("Split", [qkv], outputs=3, axis=2)
+    q = g.one("Transpose", [q], perm=[0, 2, 1, 3])  # [batch, heads, queries, dim]
+    k = g.one("Transpose", [k], perm=[0, 2, 3, 1])  # [batch, heads, dim, keys]
+    v = g.one("Transpose", [v], perm=[0, 2, 1, 3])
+    weights = g.one("Softmax", [g.one("Add", [g.one("MatMul", [q, k]), bias])], axis=-1)
+    y = g.one("Transpose", [g.one("MatMul", [weights, v])], perm=[0, 2, 1, 3])
+    y = g.one("Reshape", [y, g.const("inner_shape", [0, 0, inner])])
+    x = g.one("Add", [x, g.linear(y, f"{p}.attn.proj")])
+    g.scope = f"{p}/ffn"
+    f = _gelu(g, g.linear(g.norm(x, f"{p}.ln2", block.ln2.eps), f"{p}.ffn.0"))
+    return g.one("Add", [x, g.linear(f, f"{p}.ffn.2")])
 
 
 def _gelu(g: _Graph, x: str) -> str:
