@@ -86,3 +86,23 @@ def test_graph_is_standard_onnx_and_ignores_padding_and_zeros_inside(tmp_path: P
     # more left padding changes nothing
     wider = np.concatenate([np.zeros((3, 4), np.int64), ids], axis=1)
     np.testing.assert_allclose(session.run(["scores"], {"item_ids": wider})[0], got, atol=1e-5)
+
+
+def test_both_writers_give_the_same_scores_and_a_bad_writer_is_named(tmp_path: Path) -> None:
+    m = model(n_blocks=2)
+    paths = {w: tmp_path / f"{w}.onnx" for w in ("graph", "torch")}
+    for writer, path in paths.items():
+        export_onnx(m, path, writer=writer)  # type: ignore[arg-type]
+    ids = np.array([[0, 0, 3, 9, 14, 2, 7, 1, 5, 8, 11, 4, 6, 10]], np.int64)  # > max_len
+    graph, torch_out = (
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(
+            ["scores"], {"item_ids": ids}
+        )[0]
+        for p in paths.values()
+    )
+    np.testing.assert_allclose(graph, torch_out, atol=1e-5)
+    # the written graph is much smaller: no shape arithmetic
+    nodes = {w: len(onnx.load(str(p)).graph.node) for w, p in paths.items()}
+    assert nodes["graph"] < nodes["torch"] / 2, nodes
+    with pytest.raises(ValueError, match="writer='tf'"):
+        export_onnx(m, tmp_path / "x.onnx", writer="tf")  # type: ignore[arg-type]
