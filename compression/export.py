@@ -3,7 +3,9 @@
 The graph takes `item_ids` (int64 `[batch, length]`, internal ids, left-padded with 0, oldest
 first; longer histories are cut to the model's window inside the graph) and returns `scores`
 (float32 `[batch, n_items + 1]`, column = internal item id, column 0 is padding). Only the
-last position is computed in the last block (see `SASRec.forward`).
+last position is computed in the last block (see `SASRec.forward`). The graph is written node
+by node (`compression.onnx_graph`); PyTorch's exporter remains for models that writer does not
+cover and on request (`writer="torch"`). Either way the file is checked against PyTorch.
 """
 
 from __future__ import annotations

@@ -298,7 +298,8 @@ def _prune_initializers(graph: onnx.GraphProto) -> None:
 def _fold_static_dims(model: onnx.ModelProto) -> int:
     """Replace `Gather(Shape(x), i)` by a constant where dimension i of x is static.
 
-    Why: the exported last block slices its q/k/v weights with `w[:hidden]`, and the exporter
+    Why (graphs from PyTorch's exporter; the graph writer's weights are plain initializers
+    already): the exported last block slices its q/k/v weights with `w[:hidden]`, and the exporter
     records `hidden` as `Shape(x)[2]` of an activation. The weight then reaches its MatMul
     through Slice/Transpose of a run-time value, so no quantizer sees a constant weight and
     that block's attention projections would stay fp32. Once the lookup is a constant, ORT's
