@@ -199,6 +199,12 @@ class StudentRecipe(_ModelRecipe):
     teacher: str = Field(description="stored teacher: NAME, NAME@VERSION or NAME@latest")
     train: TrainConfig = TrainConfig()
     distill: DistillConfig | None = DistillConfig()
+    init: Literal["random", "teacher"] = Field(
+        "random",
+        description="'teacher': start from the teacher's weights (same architecture, a "
+        "context no longer than the teacher's; the position table is cut to it): a short-"
+        "context copy of the teacher, fine-tuned to its window",
+    )
 
 
 R = TypeVar("R", bound=BaseModel)

@@ -8,13 +8,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from compression.configs import DataSpec, StudentRecipe, TeacherRecipe
+from compression.configs import DataSpec, ModelConfig, StudentRecipe, TeacherRecipe
 from compression.data import SequenceDataset, Split, leave_one_out, load_dataset
 from compression.evaluate import evaluate_model, evaluate_popularity
 from model_store.manifest import DatasetInfo, Manifest
 from model_store.store import ModelStore
+
+if TYPE_CHECKING:
+    from compression.model import SASRec
 
 METRIC_KEYS = ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr")
 PARITY_SEQUENCES = 512
@@ -181,6 +184,32 @@ def train_teacher(
     )
 
 
+def warm_start(teacher: SASRec, cfg: ModelConfig, teacher_ref: str) -> SASRec:
+    """A model of config `cfg` holding `teacher`'s weights: the same architecture reading at
+    most the teacher's context, so only the position table is cut (to its first rows:
+    positions count from the window start). Raises naming the first setting that differs."""
+    from compression.model import SASRec
+
+    mine = cfg.model_dump(exclude={"max_len", "dropout"})
+    theirs = teacher.cfg.model_dump(exclude={"max_len", "dropout"})
+    differs = [k for k in mine if mine[k] != theirs[k]]
+    if differs or cfg.max_len > teacher.cfg.max_len:
+        what = (
+            f"{differs[0]}={mine[differs[0]]!r} vs the teacher's {theirs[differs[0]]!r}"
+            if differs
+            else (f"max_len={cfg.max_len} > the teacher's {teacher.cfg.max_len}")
+        )
+        raise ValueError(
+            f"init = 'teacher' needs the teacher's architecture ({teacher_ref}) with a context no "
+            f"longer than its own: {what}"
+        )
+    model = SASRec(cfg)
+    state = teacher.state_dict()
+    state["pos_emb.weight"] = state["pos_emb.weight"][: cfg.max_len].clone()
+    model.load_state_dict(state)
+    return model
+
+
 def distill_student(
     recipe: StudentRecipe,
     store: ModelStore,
@@ -208,9 +237,11 @@ def distill_student(
         teacher_ndcg = teacher_manifest.metrics.get("valid_ndcg@10", 0.0)
         distill_loss = DistillLoss(recipe.distill, teacher, teacher_ndcg)
         loss_fn, on_eval = distill_loss, distill_loss.on_eval
+    init_model = warm_start(teacher, student_cfg, parent) if recipe.init == "teacher" else None
     log(
         f"student {student_cfg.model_dump()} from {parent}; "
         f"{'labels only' if loss_fn is None else recipe.distill.strategy}"
+        f"{'; starting from the teacher' if init_model is not None else ''}"
     )
     started = time.perf_counter()
     result = train(
@@ -222,6 +253,7 @@ def distill_student(
         log=log,
         on_eval=on_eval,
         input_len=max(teacher.cfg.max_len, student_cfg.max_len),
+        init_model=init_model,
     )
     wall_s = time.perf_counter() - started
     teacher_params = teacher.num_parameters()

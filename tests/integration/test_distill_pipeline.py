@@ -56,3 +56,31 @@ def test_unknown_teacher_is_a_clear_error(store_with_teacher) -> None:
     recipe = StudentRecipe(name="s", teacher="nope@1", model={"hidden": 8})
     with pytest.raises(Exception, match="nope"):
         distill_student(recipe, store_with_teacher, progress=False, log=lambda _: None)
+
+
+def test_a_short_context_copy_of_the_teacher_starts_from_its_weights(store_with_teacher) -> None:
+    import torch
+
+    from compression.pipeline import warm_start
+    from compression.train import load_checkpoint
+
+    _, folder = store_with_teacher.load("t@latest")
+    teacher = load_checkpoint(Path(folder) / "model.pt")
+    cfg = teacher.cfg.model_copy(update={"max_len": 6})
+    copy = warm_start(teacher, cfg, "t@1").eval()
+    short = torch.tensor([[0, 0, 5, 9, 3, 7]])  # fits both windows: identical scores
+    with torch.inference_mode():
+        torch.testing.assert_close(copy(short), teacher(short))
+    for update, message in [({"hidden": 16}, "hidden=16 vs the teacher's 32"),
+                            ({"max_len": 32}, "max_len=32 > the teacher's 16")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            warm_start(teacher, teacher.cfg.model_copy(update=update), "t@1")
+    # and through a recipe: trained on from there, published like any student
+    recipe = StudentRecipe(
+        name="t-ctx6", teacher="t@latest", init="teacher",
+        model={"hidden": 32, "max_len": 6, "n_heads": 2},
+        train={"max_epochs": 1, "lr": 1e-4}, distill=DistillConfig(alpha=1.0, temperature=1.0),
+    )  # fmt: skip
+    m = distill_student(recipe, store_with_teacher, progress=False, log=lambda _: None).manifest
+    assert m.recipe["init"] == "teacher" and m.architecture["max_len"] == 6
+    assert 0.95 < m.metrics["params_ratio"] < 1.0  # the same model less 10 position rows
