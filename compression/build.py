@@ -21,7 +21,7 @@ import json
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -54,6 +54,7 @@ class StudentStep(_Strict):
     model: ModelFields = Field(default_factory=dict)
     train: TrainConfig = TrainConfig()
     distill: DistillConfig | None = None
+    init: Literal["random", "teacher"] = "random"  # see StudentRecipe.init
 
 
 class QuantizeStep(_Strict):
@@ -254,7 +255,7 @@ def run_build(
     for step in recipe.students:
         student = StudentRecipe(
             name=step.name, teacher=_ref(teacher), model=step.model, train=step.train,
-            distill=step.distill,
+            distill=step.distill, init=step.init,
         )  # fmt: skip
         want_s = _without(student.model_dump(), "teacher")
 
