@@ -53,6 +53,7 @@ class _Graph:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._names: set[str] = set()
+        self._consts: dict[str, np.ndarray] = {}
         self.scope = ""  # module path of the nodes being written, as in their names
 
     def weight(self, name: str, value: np.ndarray) -> str:
@@ -63,9 +64,15 @@ class _Graph:
         return name
 
     def const(self, name: str, value: object, dtype: type = np.int64) -> str:
-        """A small constant, written once under `name` and shared by every reader."""
-        if name not in self._names:
-            self.weight(name, np.array(value, dtype=dtype))
+        """A small constant, written once under `name` and shared by every reader (asking for
+        the same name with another value is a bug in this writer, not silently shared)."""
+        array = np.array(value, dtype=dtype)
+        known = self._consts.get(name)
+        if known is None:
+            self._consts[name] = array
+            self.weight(name, array)
+        elif known.dtype != array.dtype or not np.array_equal(known, array):
+            raise ValueError(f"constant {name!r} asked for as {array!r}, written as {known!r}")
         return name
 
     def op(self, op_type: str, inputs: list[str], outputs: int = 1, **attrs: object) -> list[str]:
