@@ -108,6 +108,11 @@ class TrainConfig(_Strict):
         "weights and multiplying lr by lr_decay_factor",
     )
     max_lr_decays: int = Field(0, ge=0, description="0 = constant lr, plain early stopping")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="'cosine': lr falls from `lr` to 0 along a half cosine over max_epochs "
+        "epochs, step by step (a fixed horizon instead of reacting to a noisy validation)",
+    )
     windows: Literal["last", "all"] = Field(
         "last",
         description="train on each user's last max_len steps, or on every max_len-step "
@@ -120,6 +125,15 @@ class TrainConfig(_Strict):
     threads: int | None = Field(None, ge=1, description="torch threads; None = all cores")
     eval_batch_size: int = Field(512, ge=1)
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="torch device")
+
+    @model_validator(mode="after")
+    def _one_lr_policy(self) -> TrainConfig:
+        if self.lr_schedule == "cosine" and self.max_lr_decays:
+            raise ValueError(
+                f"lr_schedule='cosine' with max_lr_decays={self.max_lr_decays}: choose one "
+                "(set max_lr_decays = 0 or lr_schedule = 'constant')"
+            )
+        return self
 
 
 class DistillConfig(_Strict):

@@ -96,6 +96,13 @@ def length_bucketed_batches(
         yield batches[i]
 
 
+def batches_per_epoch(n_pairs: int, batch_size: int, chunk_batches: int = 50) -> int:
+    """How many batches `length_bucketed_batches` yields for `n_pairs` pairs."""
+    chunk = batch_size * chunk_batches
+    full, rest = divmod(n_pairs, chunk)
+    return full * chunk_batches + -(-rest // batch_size)
+
+
 def _ce_sum(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy((hidden @ weight.T).float(), targets, reduction="sum")
 
@@ -200,6 +207,10 @@ def train(
     optimizer = torch.optim.Adam(
         model.parameters(), lr=train_cfg.lr, betas=(0.9, 0.98), weight_decay=train_cfg.weight_decay
     )
+    scheduler = None
+    if train_cfg.lr_schedule == "cosine":
+        total_steps = train_cfg.max_epochs * batches_per_epoch(len(inputs), train_cfg.batch_size)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     best_state = copy.deepcopy(model.state_dict())
     best_ndcg, best_epoch, best_valid, bad_evals, lr_decays = -1.0, 0, {}, 0, 0
     history: list[dict[str, float]] = []
@@ -219,6 +230,8 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             n = int(lengths[idx].sum())
             loss_sum += float(loss.detach()) * n
             positions += n
@@ -229,6 +242,7 @@ def train(
             "epoch": epoch,
             "loss": loss_sum / positions,
             "epoch_s": epoch_s,
+            "lr": optimizer.param_groups[0]["lr"],
         }
         if epoch % train_cfg.eval_every == 0 or epoch == train_cfg.max_epochs:
             valid = evaluate_model(model, split, "valid", train_cfg.eval_batch_size)
@@ -245,7 +259,8 @@ def train(
         log(
             f"epoch {epoch:3d}  loss {record['loss']:.4f}  {epoch_s:5.1f}s  "
             f"valid ndcg@10 {record.get('valid_ndcg@10', float('nan')):.4f}  "
-            f"best {best_ndcg:.4f} @ {best_epoch}  elapsed {elapsed / 60:.1f} min"
+            f"best {best_ndcg:.4f} @ {best_epoch}  lr {record['lr']:.2e}  "
+            f"elapsed {elapsed / 60:.1f} min"
         )
         if bad_evals >= train_cfg.lr_decay_patience and lr_decays < train_cfg.max_lr_decays:
             # Plateau: go back to the best weights and continue with a smaller step.

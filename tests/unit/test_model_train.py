@@ -17,6 +17,7 @@ from compression.evaluate import evaluate_model, evaluate_popularity
 from compression.model import FastDropout, SASRec
 from compression.synthetic import SyntheticConfig, synthetic_dataset
 from compression.train import (
+    batches_per_epoch,
     full_softmax_ce,
     length_bucketed_batches,
     load_checkpoint,
@@ -228,3 +229,36 @@ def test_strided_windows_put_every_step_in_the_last_stride_positions_once() -> N
     assert sorted(trained) == sorted([*range(2, 12), 6])  # every target once, per user
     with pytest.raises(ValueError, match="stride"):
         training_pairs(seqs, 6, all_windows=True, stride=7)
+
+
+def test_batches_per_epoch_counts_what_the_batcher_yields() -> None:
+    for n, size, chunk in [(1000, 32, 5), (1, 128, 50), (6400, 128, 50), (6401, 128, 50)]:
+        lengths = np.ones(n, dtype=int)
+        yielded = list(length_bucketed_batches(lengths, size, np.random.default_rng(0), chunk))
+        assert batches_per_epoch(n, size, chunk) == len(yielded)
+
+
+def test_cosine_schedule_anneals_lr_to_zero_over_max_epochs() -> None:
+    data, split = tiny_split()
+    cfg = ModelConfig(n_items=data.n_items, max_len=10, hidden=8)
+    result = train(
+        cfg,
+        TrainConfig(max_epochs=4, lr=1e-2, lr_schedule="cosine", patience=10, batch_size=8),
+        split,
+        progress=False,
+        log=lambda _: None,
+    )
+    lrs = [r["lr"] for r in result.history]
+    assert lrs == sorted(lrs, reverse=True) and len(set(lrs)) == 4
+    # Half-way through the horizon the half cosine is at half the peak.
+    assert lrs[1] == pytest.approx(0.5e-2, rel=1e-6)
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    constant = train(
+        cfg, TrainConfig(max_epochs=2, lr=1e-2), split, progress=False, log=lambda _: None
+    )
+    assert [r["lr"] for r in constant.history] == [1e-2, 1e-2]
+
+
+def test_cosine_schedule_and_plateau_decay_exclude_each_other() -> None:
+    with pytest.raises(ValidationError, match="choose one"):
+        TrainConfig(lr_schedule="cosine", max_lr_decays=2)
