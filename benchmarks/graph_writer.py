@@ -26,8 +26,10 @@ from compression.compact import compact_file
 from compression.data import leave_one_out, pad_left
 from compression.evaluate import evaluate_scorer
 from compression.export import check_parity, export_onnx, top_k_agreement
+from compression.item_matrix import quantize_item_matrix
+from compression.onnx_eval import onnx_scorer
 from compression.pipeline import load_model_data
-from compression.quantize import onnx_scorer, quantize_dynamic_int8, quantize_item_matrix
+from compression.quantize import quantize_dynamic_int8
 from compression.report import _session, measure_latency
 from compression.train import load_checkpoint
 from model_store.store import ModelStore

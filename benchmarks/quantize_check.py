@@ -20,18 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from compression.data import leave_one_out
+from compression.fp16 import convert_fp16
+from compression.item_matrix import quantize_item_matrix
+from compression.onnx_eval import compare_outputs, ndcg_evaluator
+from compression.onnx_files import file_size_bytes
 from compression.pipeline import load_model_data
-from compression.quantize import (
-    QuantizeConfig,
-    adaptive_quantize,
-    compare_outputs,
-    convert_fp16,
-    file_size_bytes,
-    ndcg_evaluator,
-    quantize_dynamic_int8,
-    quantize_item_matrix,
-    quantize_static_int8,
-)
+from compression.quantize import QuantizeConfig, quantize_dynamic_int8, quantize_static_int8
+from compression.quantize_adaptive import adaptive_quantize
 from model_store.manifest import load_manifest
 
 

@@ -94,7 +94,7 @@ def publish_onnx_variant(
     float); they are recorded in the manifest's recipe.
     """
     from compression.export import top_k_agreement
-    from compression.quantize import onnx_scorer
+    from compression.onnx_eval import onnx_scorer
 
     parent, folder = store.load(parent_ref)
     if "model.onnx" not in parent.artifacts:
@@ -161,12 +161,10 @@ def quantize_variant(
     with one scale per row. Calibration uses training histories, the adaptive budget is
     judged on validation users (a seeded sample of `adaptive_users`), and the published
     metrics on the test users: three disjoint roles."""
-    from compression.quantize import (
-        AdaptiveResult,
-        ndcg_evaluator,
-        quantize_int8,
-        quantize_item_matrix,
-    )
+    from compression.item_matrix import quantize_item_matrix
+    from compression.onnx_eval import ndcg_evaluator
+    from compression.quantize import quantize_int8
+    from compression.quantize_adaptive import AdaptiveResult
 
     parent, _ = store.load(parent_ref)
     max_len = int(parent.architecture["max_len"])
@@ -205,7 +203,7 @@ def fp16_variant(
     store: ModelStore, parent_ref: str, name: str | None = None, log: Callable[[str], None] = print
 ) -> Manifest:
     """The graph in float16 with int64 ids in and float32 scores out (for GPU execution)."""
-    from compression.quantize import convert_fp16
+    from compression.fp16 import convert_fp16
 
     def transform(src: Path, dst: Path, split: Split) -> dict[str, Any]:
         convert_fp16(src, dst)

@@ -13,20 +13,17 @@ from pydantic import ValidationError
 from compression.configs import ModelConfig, TrainConfig
 from compression.data import Split, leave_one_out
 from compression.export import export_onnx
+from compression.fp16 import convert_fp16
+from compression.item_matrix import quantize_item_matrix, quantize_rows
+from compression.onnx_eval import compare_outputs, ndcg_evaluator
+from compression.onnx_files import QuantizeError, describe
 from compression.quantize import (
     QuantizeConfig,
-    QuantizeError,
-    adaptive_quantize,
-    compare_outputs,
-    convert_fp16,
-    describe,
-    ndcg_evaluator,
     quantizable_nodes,
     quantize_dynamic_int8,
-    quantize_item_matrix,
-    quantize_rows,
     quantize_static_int8,
 )
+from compression.quantize_adaptive import adaptive_quantize
 from compression.synthetic import SyntheticConfig, synthetic_dataset
 from compression.train import train
 
