@@ -40,6 +40,7 @@ def main() -> None:
                     f"b={distill['beta']}"
                 ),
                 "max_len": m.architecture["max_len"],
+                "dropout": m.architecture["dropout"],
                 "params": int(m.metrics["params"]),
                 "params_ratio": m.metrics.get("params_ratio", 1.0),
                 "test_ndcg@10": m.metrics["test_ndcg@10"],
@@ -56,13 +57,13 @@ def main() -> None:
     lines = [
         f"Teacher {ref} ({teacher.dataset.name}); test set, full ranking, history masked.",
         "",
-        "| model | training | max len | params (ratio) | NDCG@10 | HR@10 | retention | epochs "
-        "| wall |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | training | max len | dropout | params (ratio) | NDCG@10 | HR@10 | retention "
+        "| epochs | wall |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['training']} | {r['max_len']} | {r['params']:,} "
+            f"| {r['model']} | {r['training']} | {r['max_len']} | {r['dropout']} | {r['params']:,} "
             f"({r['params_ratio']:.3f}) | {r['test_ndcg@10']:.4f} | {r['test_hr@10']:.4f} "
             f"| {r['ndcg_retention']:.1%} | {r['epochs']} | {r['train_wall_s'] / 60:.1f} min |"
         )
