@@ -12,8 +12,13 @@ import numpy as np
 from compression.data import Split, pad_left
 from compression.evaluate import Scorer, evaluate_scorer
 from compression.export import INPUT_NAME, OUTPUT_NAME, top_k_agreement
-from compression.onnx_files import QuantizeError, cpu_session, load_scoring_model, run_scores
-from compression.quantize_adaptive import ScorerEval
+from compression.onnx_files import (
+    QuantizeError,
+    ScorerEval,
+    cpu_session,
+    load_scoring_model,
+    run_scores,
+)
 
 
 @dataclass(frozen=True)

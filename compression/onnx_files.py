@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ _INT8_OPS = frozenset(
     {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm", "QLinearMatMul"}
 )
 MATMUL_OPS = frozenset({"MatMul", "Gemm"})
+ScorerEval = Callable[[Path], float]  # ONNX file -> validation NDCG@10
 
 
 class QuantizeError(ValueError):

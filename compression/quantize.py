@@ -32,6 +32,7 @@ from compression.onnx_files import (
     MATMUL_OPS,
     ModelSummary,
     QuantizeError,
+    ScorerEval,
     atomic_output,
     describe,
     load_scoring_model,
@@ -41,7 +42,7 @@ from compression.onnx_files import (
 )
 
 if TYPE_CHECKING:
-    from compression.quantize_adaptive import AdaptiveResult, ScorerEval
+    from compression.quantize_adaptive import AdaptiveResult
 
 
 class QuantizeConfig(BaseModel):

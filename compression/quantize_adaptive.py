@@ -4,7 +4,7 @@ relative quality budget against the fp32 model is met (`adaptive_quantize`)."""
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ from compression.data import pad_left
 from compression.export import top_k_agreement
 from compression.onnx_files import (
     QuantizeError,
+    ScorerEval,
     atomic_output,
     cpu_session,
     load_scoring_model,
@@ -29,8 +30,6 @@ from compression.quantize import (
     preprocess,
     quantizable_nodes,
 )
-
-ScorerEval = Callable[[Path], float]  # ONNX file -> validation NDCG@10
 
 
 @dataclass(frozen=True)
