@@ -45,6 +45,16 @@ class ModelConfig(_Strict):
         description="vector width of each popularity bucket, one more than emb_cutoffs; "
         "every bucket is projected to hidden, so the item space is hidden-wide",
     )
+    emb_codebooks: int | None = Field(
+        None,
+        ge=1,
+        description="product-quantized item embeddings: each item vector (emb_dim or hidden "
+        "wide) is this many codes into as many trained codebooks; a student takes its "
+        "codes from the teacher's item matrix (compression/coded_embedding.py)",
+    )
+    emb_centroids: int = Field(
+        256, ge=2, le=65535, description="rows of each codebook (with emb_codebooks)"
+    )
 
     head_dim: int | None = Field(
         None,
@@ -79,6 +89,24 @@ class ModelConfig(_Strict):
         if self.emb_dim is not None or not self.tied:
             raise ValueError(
                 "mixed-dimension embeddings (emb_cutoffs) replace emb_dim and need tied=true"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _coded(self) -> ModelConfig:
+        if self.emb_codebooks is None:
+            return self
+        width = self.emb_dim or self.hidden
+        if width % self.emb_codebooks:
+            raise ValueError(
+                f"emb_codebooks={self.emb_codebooks} does not divide the item vector width "
+                f"{width} (emb_dim or hidden)"
+            )
+        if self.emb_cutoffs is not None or not self.tied:
+            raise ValueError("coded embeddings (emb_codebooks) exclude emb_cutoffs and need tied")
+        if self.emb_centroids > self.n_items:
+            raise ValueError(
+                f"emb_centroids={self.emb_centroids} exceeds the catalogue ({self.n_items} items)"
             )
         return self
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from compression.coded_embedding import CodedEmbedding
 from compression.configs import ModelConfig
 from compression.embedding import MixedDimEmbedding
 
@@ -99,9 +100,11 @@ class SASRec(nn.Module):
         super().__init__()
         self.cfg = cfg
         emb = cfg.emb_dim or cfg.hidden
-        self.item_emb: nn.Embedding | MixedDimEmbedding
+        self.item_emb: nn.Embedding | MixedDimEmbedding | CodedEmbedding
         if cfg.emb_cutoffs is not None and cfg.emb_dims is not None:
             self.item_emb = MixedDimEmbedding(cfg.n_items, cfg.emb_cutoffs, cfg.emb_dims, emb)
+        elif cfg.emb_codebooks is not None:
+            self.item_emb = CodedEmbedding(cfg.n_items, cfg.emb_codebooks, cfg.emb_centroids, emb)
         else:
             self.item_emb = nn.Embedding(cfg.n_items + 1, emb, padding_idx=0)
         factorized = emb != cfg.hidden
@@ -189,4 +192,6 @@ class SASRec(nn.Module):
         return F.linear(self.query(self.final_ln(last)), weight, zero_bias)
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Trained values, plus one per code of coded item embeddings (fixed, but stored)."""
+        codes = self.item_emb.n_codes if isinstance(self.item_emb, CodedEmbedding) else 0
+        return sum(p.numel() for p in self.parameters()) + codes

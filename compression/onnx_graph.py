@@ -30,6 +30,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from compression.coded_embedding import CodedEmbedding
 from compression.model import SASRec
 
 OPSET = 17
@@ -41,8 +42,22 @@ _END = 2**31 - 1  # Slice end "to the end", also int32-safe
 
 
 def supports(model: SASRec) -> bool:
-    """True when `build` can write `model` (plain or factorized item table)."""
-    return isinstance(model.item_emb, nn.Embedding)
+    """True when `build` can write `model` (plain, factorized or coded item table)."""
+    return isinstance(model.item_emb, nn.Embedding | CodedEmbedding)
+
+
+def _item_matrix(g: _Graph, model: SASRec) -> str:
+    """The `[n_items + 1, e]` item matrix: a weight, or for coded embeddings a Gather of the
+    stacked codebooks by the codes (constants only: ORT folds it once per session)."""
+    emb = model.item_emb
+    if not isinstance(emb, CodedEmbedding):
+        return g.weight("item_emb.weight", g.state["item_emb.weight"])
+    table = g.weight("item_emb.table", emb.table().detach().cpu().numpy())
+    # int32 indices: TensorRT has no uint16 and narrows int64 anyway.
+    rows = (emb.codes + emb.offsets).cpu().numpy().astype(np.int32)
+    index = g.weight("item_emb.codes", rows)
+    parts = g.one("Gather", [table, index])  # [n + 1, M, e / M]
+    return g.one("Reshape", [parts, g.const("item_matrix_shape", [0, -1])])
 
 
 class _Graph:
@@ -127,7 +142,7 @@ def build(model: SASRec, input_name: str, output_name: str) -> onnx.ModelProto:
     counts = g.one("CumSum", [g.one("Cast", [valid], to=TensorProto.INT64), g.const("axis", 1)])
 
     g.scope = "embed"
-    items = g.weight("item_emb.weight", g.state["item_emb.weight"])
+    items = _item_matrix(g, model)
     x = g.one("Gather", [items, ids])
     scale = math.sqrt(cfg.hidden)
     if model.in_proj is not None:  # the sqrt(hidden) scale folded into the projection
@@ -162,7 +177,7 @@ def build(model: SASRec, input_name: str, output_name: str) -> onnx.ModelProto:
     matrix = (
         items if model.out_emb is None else g.weight("out_emb.weight", g.state["out_emb.weight"])
     )
-    n_rows = g.state["item_emb.weight"].shape[0]
+    n_rows = cfg.n_items + 1
     zero = g.weight("scores_bias", np.zeros(n_rows, np.float32))
     g.nodes.append(
         helper.make_node("Gemm", [query, matrix, zero], [output_name], name="scores", transB=1)

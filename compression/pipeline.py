@@ -210,6 +210,26 @@ def warm_start(teacher: SASRec, cfg: ModelConfig, teacher_ref: str) -> SASRec:
     return model
 
 
+def coded_student(
+    teacher: SASRec, cfg: ModelConfig, seed: int, log: Callable[[str], None] = print
+) -> SASRec:
+    """A fresh student of config `cfg` (coded item embeddings) whose codes and starting
+    codebooks come from the teacher's item matrix (`CodedEmbedding.fit`)."""
+    from compression.coded_embedding import CodedEmbedding
+    from compression.model import SASRec
+    from compression.train import seed_everything
+
+    seed_everything(seed)
+    model = SASRec(cfg)
+    assert isinstance(model.item_emb, CodedEmbedding)
+    fit = model.item_emb.fit(teacher.item_emb.weight.detach().numpy(), seed=seed)
+    log(
+        f"codes from the teacher's item matrix: {int(fit['distinct_items'])} distinct code "
+        f"rows for {cfg.n_items} items, reconstruction R² {fit['reconstruction_r2']:.3f}"
+    )
+    return model
+
+
 def distill_student(
     recipe: StudentRecipe,
     store: ModelStore,
@@ -238,6 +258,8 @@ def distill_student(
         distill_loss = DistillLoss(recipe.distill, teacher, teacher_ndcg)
         loss_fn, on_eval = distill_loss, distill_loss.on_eval
     init_model = warm_start(teacher, student_cfg, parent) if recipe.init == "teacher" else None
+    if student_cfg.emb_codebooks is not None and init_model is None:
+        init_model = coded_student(teacher, student_cfg, recipe.train.seed, log)
     log(
         f"student {student_cfg.model_dump()} from {parent}; "
         f"{'labels only' if loss_fn is None else recipe.distill.strategy}"

@@ -49,6 +49,7 @@ import torch
 from pydantic import Field, StrictFloat, StrictInt, model_validator
 from torch import Tensor, nn
 
+from compression.coded_embedding import CodedEmbedding
 from compression.configs import DistillConfig, ModelConfig, TrainConfig, _Strict
 from compression.data import Split, pad_left
 from compression.embedding import MixedDimEmbedding
@@ -457,6 +458,8 @@ def _prunable(model: SASRec, include_embedding: bool) -> list[tuple[str, Tensor]
     if include_embedding:
         if isinstance(model.item_emb, MixedDimEmbedding):  # its `weight` is computed
             out += [(f"item_emb.tables.{i}", t) for i, t in enumerate(model.item_emb.tables)]
+        elif isinstance(model.item_emb, CodedEmbedding):
+            out.append(("item_emb.codebooks", model.item_emb.codebooks))
         else:
             out.append(("item_emb.weight", model.item_emb.weight))
         if model.out_emb is not None:
