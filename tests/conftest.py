@@ -1,11 +1,17 @@
-"""Shared fixtures: the real-data folder (skip when absent) and GPU detection."""
+"""Shared fixtures and helpers: real-data folder (skip when absent), GPU detection, ORT folding."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import onnx
+
+    from compression.model import SASRec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Real data sets are never committed (their licences forbid it): read them by path.
@@ -31,3 +37,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(skip_gpu)
+
+
+def ort_optimized_graph(path: Path, tmp_path: Path) -> onnx.GraphProto:
+    """The graph ONNX Runtime runs for `path` after its basic (constant-folding) passes."""
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return onnx.load(options.optimized_model_filepath).graph
+
+
+def export_with_parity(model: SASRec, path: Path) -> None:
+    """Export `model` to `path` and check its scores against PyTorch on 40 random
+    histories of 1-29 items, odd batch size included."""
+    import numpy as np
+
+    from compression.export import check_parity, export_onnx
+
+    export_onnx(model, path)
+    n_items = model.cfg.n_items
+    rng = np.random.default_rng(0)
+    histories = [rng.integers(1, n_items + 1, size=rng.integers(1, 30)) for _ in range(40)]
+    report = check_parity(model, path, histories, batch_size=7)
+    assert report.max_abs_diff < 1e-4 and report.top10_agreement == 1.0

@@ -13,11 +13,20 @@ from pydantic import ValidationError
 
 from compression.coded_embedding import CodedEmbedding
 from compression.configs import ModelConfig, TeacherRecipe
-from compression.export import check_parity, export_onnx, top_k_agreement
+from compression.export import export_onnx, top_k_agreement
 from compression.model import SASRec
 from compression.train import load_checkpoint, save_checkpoint
+from tests.conftest import export_with_parity, ort_optimized_graph
 
 CODED = {"emb_codebooks": 4, "emb_centroids": 8}
+
+
+def fitted_model() -> SASRec:
+    """A small coded model in eval mode, its codes fitted to a random source matrix."""
+    torch.manual_seed(0)
+    model = SASRec(ModelConfig(n_items=60, max_len=12, hidden=16, n_heads=2, **CODED)).eval()
+    model.item_emb.fit(np.random.default_rng(1).standard_normal((61, 16)))
+    return model
 
 
 def test_an_item_vector_is_its_codebook_rows_side_by_side() -> None:
@@ -101,24 +110,14 @@ def test_checkpoint_carries_the_codes(tmp_path: Path) -> None:
 
 
 def test_export_keeps_codes_and_codebooks_and_matches_pytorch(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    model = SASRec(ModelConfig(n_items=60, max_len=12, hidden=16, n_heads=2, **CODED)).eval()
-    model.item_emb.fit(np.random.default_rng(1).standard_normal((61, 16)))
+    model = fitted_model()
     path = tmp_path / "model.onnx"
-    export_onnx(model, path)
-    rng = np.random.default_rng(0)
-    histories = [rng.integers(1, 61, size=rng.integers(1, 30)) for _ in range(40)]
-    report = check_parity(model, path, histories, batch_size=7)
-    assert report.max_abs_diff < 1e-4 and report.top10_agreement == 1.0
+    export_with_parity(model, path)
     dims = {i.name: list(i.dims) for i in onnx.load(str(path)).graph.initializer}
     assert dims["item_emb.codes"] == [61, 4] and dims["item_emb.table"] == [4 * 9, 4]
     assert [61, 16] not in dims.values()  # no dense item matrix in the file
     # ...but ONNX Runtime folds one when the session starts: nothing per request.
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    optimized = onnx.load(options.optimized_model_filepath).graph
+    optimized = ort_optimized_graph(path, tmp_path)
     assert not any("item_emb.codes" in n.input for n in optimized.node)
     assert any(list(i.dims) == [61, 16] for i in optimized.initializer)
 
@@ -129,9 +128,7 @@ def test_int8_and_fp16_variants_of_a_coded_model_keep_its_ranking(tmp_path: Path
     from compression.onnx_files import QuantizeError
     from compression.quantize import quantize_dynamic_int8
 
-    torch.manual_seed(0)
-    model = SASRec(ModelConfig(n_items=60, max_len=12, hidden=16, n_heads=2, **CODED)).eval()
-    model.item_emb.fit(np.random.default_rng(1).standard_normal((61, 16)))
+    model = fitted_model()
     src = tmp_path / "model.onnx"
     export_onnx(model, src)
     batch = np.random.default_rng(3).integers(1, 61, size=(16, 12))

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from pydantic import ValidationError
@@ -15,10 +14,10 @@ from compression.configs import ModelConfig, TrainConfig
 from compression.data import leave_one_out
 from compression.embedding import MixedDimEmbedding
 from compression.evaluate import evaluate_model, evaluate_popularity
-from compression.export import check_parity, export_onnx
 from compression.model import SASRec
 from compression.synthetic import SyntheticConfig, synthetic_dataset
 from compression.train import load_checkpoint, save_checkpoint, train
+from tests.conftest import export_with_parity, ort_optimized_graph
 
 MIXED = {"emb_cutoffs": (10, 30), "emb_dims": (16, 8, 4)}
 
@@ -97,20 +96,12 @@ def test_export_parity_with_a_popularity_order(tmp_path: Path) -> None:
     model = SASRec(ModelConfig(n_items=60, max_len=12, hidden=16, n_heads=2, **MIXED)).eval()
     model.item_emb.set_popularity(np.random.default_rng(1).integers(0, 100, 61))
     path = tmp_path / "model.onnx"
-    export_onnx(model, path)
-    rng = np.random.default_rng(0)
-    histories = [rng.integers(1, 61, size=rng.integers(1, 30)) for _ in range(40)]
-    report = check_parity(model, path, histories, batch_size=7)
-    assert report.max_abs_diff < 1e-4 and report.top10_agreement == 1.0
+    export_with_parity(model, path)
     # The file keeps the small factors; ONNX Runtime folds them into one matrix when the
     # session starts, so serving computes nothing per request for the factorization.
     names = {i.name for i in onnx.load(str(path)).graph.initializer}
     assert "item_emb.tables.0" in names
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    optimized = onnx.load(options.optimized_model_filepath).graph
+    optimized = ort_optimized_graph(path, tmp_path)
     assert not any(n.input[0].startswith("item_emb.tables") for n in optimized.node)
     assert any(list(i.dims) == [61, 16] for i in optimized.initializer)
 
