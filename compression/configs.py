@@ -147,7 +147,11 @@ class TrainConfig(_Strict):
         "window of longer histories (more data from long histories, longer epochs)",
     )
     seed: int = 0
-    bf16: bool = Field(True, description="bf16 autocast on CPUs with AVX-512 BF16")
+    bf16: bool = Field(
+        True,
+        description="bf16 autocast where it is fast: CUDA, or CPUs with AVX-512 BF16 / AMX; "
+        "elsewhere (e.g. AVX2-only CPUs, where it is emulated ~30x slower) training stays fp32",
+    )
     loss_chunk_rows: int = Field(2048, ge=64, description="positions per cross-entropy chunk")
     time_limit_s: float | None = Field(None, gt=0.0, description="stop after this wall time")
     threads: int | None = Field(None, ge=1, description="torch threads; None = all cores")

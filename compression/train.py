@@ -47,6 +47,19 @@ def tune_allocator() -> None:
     libc.mallopt(m_trim_threshold, 4 * 1024 * 1024 * 1024 - 1)
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """True where bf16 autocast speeds training up: CUDA, or a CPU with native bf16 math.
+
+    On an AVX2-only CPU (AMD EPYC here) PyTorch emulates bf16: an ML-1M teacher epoch took
+    1,436 s instead of ~50 s in fp32.
+    """
+    if device.type == "cuda":
+        return True
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool((check is not None and check()) or (amx is not None and amx()))
+
+
 def seed_everything(seed: int) -> np.random.Generator:
     torch.manual_seed(seed)
     return np.random.default_rng(seed)
@@ -179,6 +192,9 @@ def train(
     device = torch.device(train_cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={train_cfg.device!r} but torch sees no CUDA GPU; use 'cpu'")
+    use_bf16 = train_cfg.bf16 and fast_bf16(device)
+    if train_cfg.bf16 and not use_bf16:
+        log("bf16 autocast off: this CPU has no native bf16 (AVX-512 BF16 / AMX); fp32")
     if init_model is not None and init_model.cfg != model_cfg:
         raise ValueError("init_model.cfg differs from model_cfg")
     if init_model is None:
@@ -225,7 +241,7 @@ def train(
         for idx in bar:
             x = torch.from_numpy(pad_left([inputs[i] for i in idx], window)).to(device)
             y = torch.from_numpy(pad_left([targets[i] for i in idx], window)).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=train_cfg.bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = loss_fn(model, x, y, rows=idx)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
