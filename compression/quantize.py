@@ -26,6 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from compression.compact import constant_value
+from compression.cpu_int8 import int8_needs_reduce_range
 from compression.data import pad_left
 from compression.export import INPUT_NAME
 from compression.onnx_files import (
@@ -48,10 +49,11 @@ if TYPE_CHECKING:
 class QuantizeConfig(BaseModel):
     """How to quantize to INT8 with ONNX Runtime. Unknown keys and impossible values are refused.
 
-    Defaults follow what was measured on this 2-core AVX-512/VNNI CPU (DESIGN §8): dynamic
+    Defaults follow what was measured on a 2-core AVX-512/VNNI CPU (DESIGN §8): dynamic
     quantization of the MatMuls with a constant weight; static QDQ only of those MatMuls too,
     because quantizing every op type (or the activation x activation attention MatMuls) was
-    the slowest and least accurate recipe.
+    the slowest and least accurate recipe. `reduce_range` defaults to what the CPU that
+    quantizes needs (7-bit weights without VNNI); the manifest records the value used.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -59,7 +61,9 @@ class QuantizeConfig(BaseModel):
     mode: Literal["dynamic", "static"] = "dynamic"
     per_channel: bool = Field(False, description="one weight scale per output column")
     reduce_range: bool = Field(
-        False, description="7-bit weights; only for CPUs without VNNI (int16 overflow)"
+        default_factory=int8_needs_reduce_range,
+        description="7-bit weights; default: on where this CPU's u8 x s8 products can "
+        "overflow int16 (x86 without VNNI, see compression.cpu_int8)",
     )
     op_types: tuple[str, ...] | None = Field(
         None,

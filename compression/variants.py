@@ -175,6 +175,7 @@ def quantize_variant(
             rows = dst.with_name("rows.onnx")
             report = quantize_item_matrix(src, rows)
             details["item_matrix_bytes"] = [report.bytes_before, report.bytes_after]
+            details["item_matrix_row_bits"] = report.row_bits
             src = rows
         result = quantize_int8(
             src,

@@ -11,6 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from compression.configs import ModelConfig, TrainConfig
+from compression.cpu_int8 import int8_needs_reduce_range
 from compression.data import Split, leave_one_out
 from compression.export import export_onnx
 from compression.fp16 import convert_fp16
@@ -206,6 +207,12 @@ def test_item_matrix_is_int8_per_row_and_shared(
     )
     ops = {n.op_type for n in graph.node}
     assert {"QGemm", "DynamicQuantizeLinear"} <= ops
+    # QGemm's u8 x s8 products: 7-bit rows where this CPU would saturate 8-bit ones
+    assert report.row_bits == (7 if int8_needs_reduce_range() else 8)
+    assert np.abs(int8[0]).max() == 2 ** (report.row_bits - 1) - 1
+    for compute, reduce, bits in [("int8", True, 7), ("int8", False, 8), ("float", None, 8)]:
+        chosen = quantize_item_matrix(src, tmp_path / f"{compute}{reduce}.onnx", compute, reduce)
+        assert chosen.row_bits == bits
 
     # dynamic first: ORT's transposed copy of the output matrix is folded back onto the
     # Gather's (one fp32 matrix), so the item-matrix step still finds one shared matrix

@@ -1,0 +1,133 @@
+"""8-bit vs 7-bit int8 weights side by side on THIS CPU: score drift, top-10 agreement,
+validation NDCG@10 and latency of each INT8 recipe, both ways.
+
+    python benchmarks/int8_saturation.py model_store/models/ml1m-teacher-windows/1 \
+        --out benchmarks/results/int8-saturation
+
+Without VNNI, ONNX Runtime's u8 x s8 kernels add two products into an int16 and can saturate
+(`compression/cpu_int8.py`); 7-bit weights (`reduce_range`) cannot. Reads the stored
+`model.onnx` and manifest, never writes to the store. Latency: median of `--runs` warm calls,
+`--threads` intra-op threads, random full-window histories. Agreement and the largest score
+change against fp32 on `--compare` validation histories; NDCG@10 on `--users` validation
+users (seeded sample), full ranking, history masked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from quantize_check import latency_ms
+
+from compression.cpu_int8 import int8_needs_reduce_range
+from compression.data import leave_one_out
+from compression.item_matrix import quantize_item_matrix
+from compression.onnx_eval import compare_outputs, ndcg_evaluator
+from compression.pipeline import load_model_data
+from compression.quantize import QuantizeConfig, quantize_dynamic_int8, quantize_static_int8
+from model_store.manifest import load_manifest
+
+COLUMNS = (
+    "recipe",
+    "weights_bits",
+    "max_abs_diff",
+    "top10_agreement",
+    "ndcg@10",
+    "ms_b1",
+    "ms_b64",
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("--users", type=int, default=2000)
+    parser.add_argument("--compare", type=int, default=1000)
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    manifest = load_manifest(args.model_dir / "manifest.json")
+    max_len, n_items = int(manifest.architecture["max_len"]), int(manifest.architecture["n_items"])
+    src = args.model_dir / "model.onnx"
+    split = leave_one_out(load_model_data(manifest))
+    valid_hist, _ = split.eval_inputs("valid")
+    pick = np.random.default_rng(0).choice(len(valid_hist), min(args.compare, len(valid_hist)))
+    compare_hist = [valid_hist[i] for i in sorted(set(pick.tolist()))]
+    evaluate = ndcg_evaluator(split, max_len, users=args.users)
+
+    def static(reduce: bool) -> Callable[[Path], object]:
+        cfg = QuantizeConfig(mode="static", reduce_range=reduce)
+        return lambda dst: quantize_static_int8(src, dst, cfg, split.train, max_len)
+
+    def rows_then_dynamic(reduce: bool) -> Callable[[Path], object]:
+        def build(dst: Path) -> object:
+            quantize_item_matrix(src, dst.with_name("rows.onnx"), "int8", reduce)
+            return quantize_dynamic_int8(
+                dst.with_name("rows.onnx"), dst, QuantizeConfig(reduce_range=reduce)
+            )
+
+        return build
+
+    recipes: dict[str, Callable[[bool], Callable[[Path], object]]] = {
+        "item-matrix-int8": lambda r: lambda d: quantize_item_matrix(src, d, "int8", r),
+        "dynamic": lambda r: (
+            lambda d: quantize_dynamic_int8(src, d, QuantizeConfig(reduce_range=r))
+        ),
+        "static-minmax": static,
+        "item-matrix+dynamic": rows_then_dynamic,
+    }
+    rows: list[dict[str, object]] = [
+        {"recipe": "fp32", "weights_bits": 32, "ndcg@10": round(evaluate(src), 4)}
+    ]
+    with tempfile.TemporaryDirectory(prefix="int8-saturation-") as tmp:
+        for name, recipe in recipes.items():
+            for reduce in (False, True):
+                dst = Path(tmp) / f"{name}-{int(reduce)}.onnx"
+                recipe(reduce)(dst)
+                cmp = compare_outputs(src, dst, compare_hist, max_len)
+                row: dict[str, object] = {
+                    "recipe": name,
+                    "weights_bits": 7 if reduce else 8,
+                    "max_abs_diff": float(f"{cmp.max_abs_diff:.3g}"),
+                    "top10_agreement": round(cmp.top10_agreement, 4),
+                    "ndcg@10": round(evaluate(dst), 4),
+                }
+                for batch in (1, 64):
+                    ms = latency_ms(dst, batch, max_len, n_items, args.runs, args.threads)
+                    row[f"ms_b{batch}"] = round(ms, 3)
+                rows.append(row)
+                print(row, flush=True)
+
+    setup = {
+        "model": f"{manifest.name}@{manifest.version}",
+        "dataset": manifest.dataset.name,
+        "cpu_needs_reduce_range": int8_needs_reduce_range(),
+        "machine": platform.machine(),
+        "validation_users": args.users,
+        "compared_histories": len(compare_hist),
+        "threads": args.threads,
+        "runs": args.runs,
+        "window": max_len,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "int8-saturation.json").write_text(
+        json.dumps({"setup": setup, "rows": rows}, indent=2)
+    )
+    head = "| recipe | weight bits | max abs diff | top-10 agreement | NDCG@10 | ms b1 | ms b64 |"
+    lines = [f"Setup: {json.dumps(setup)}", "", head, "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [r.get(k, "") for k in COLUMNS]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    (args.out / "int8-saturation.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
