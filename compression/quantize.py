@@ -26,7 +26,6 @@ from onnx import TensorProto, helper, numpy_helper
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from compression.compact import constant_value
-from compression.cpu_int8 import int8_needs_reduce_range
 from compression.data import pad_left
 from compression.export import INPUT_NAME
 from compression.onnx_files import (
@@ -52,8 +51,11 @@ class QuantizeConfig(BaseModel):
     Defaults follow what was measured on a 2-core AVX-512/VNNI CPU (DESIGN §8): dynamic
     quantization of the MatMuls with a constant weight; static QDQ only of those MatMuls too,
     because quantizing every op type (or the activation x activation attention MatMuls) was
-    the slowest and least accurate recipe. `reduce_range` defaults to what the CPU that
-    quantizes needs (7-bit weights without VNNI); the manifest records the value used.
+    the slowest and least accurate recipe. `reduce_range` stays off even on an AVX2-only
+    CPU, where u8 x s8 sums can saturate: on the ML-1M teacher (2,000 validation histories,
+    `benchmarks/int8_saturation.py`) 7-bit weights lowered top-10 agreement with fp32 from
+    0.970 to 0.948 (dynamic) and 0.961 to 0.936 (static), NDCG@10 within noise. The item
+    rows' QGemm is the exception (`quantize_item_matrix`).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -61,9 +63,10 @@ class QuantizeConfig(BaseModel):
     mode: Literal["dynamic", "static"] = "dynamic"
     per_channel: bool = Field(False, description="one weight scale per output column")
     reduce_range: bool = Field(
-        default_factory=int8_needs_reduce_range,
-        description="7-bit weights; default: on where this CPU's u8 x s8 products can "
-        "overflow int16 (x86 without VNNI, see compression.cpu_int8)",
+        False,
+        description="7-bit weights, which cannot overflow the int16 sums of CPUs without "
+        "VNNI (compression.cpu_int8); off: on the ML-1M teacher 8 bits kept more top-10 "
+        "agreement even there",
     )
     op_types: tuple[str, ...] | None = Field(
         None,

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compression.cpu_int8 import int8_needs_reduce_range, u8s8_saturates, x86_flags
+from compression.cpu_int8 import u8s8_saturates, x86_flags
 from compression.item_matrix import quantize_rows
-from compression.quantize import QuantizeConfig
 
 AVX2_EPYC = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n"
 VNNI_XEON = "processor\t: 0\nflags\t\t: avx2 avx512f avx512bw avx512_vnni\n"
@@ -31,13 +30,6 @@ def test_flags_come_from_the_first_flags_line() -> None:
 )
 def test_saturation_rule(machine: str, flags: frozenset[str] | None, saturates: bool) -> None:
     assert u8s8_saturates(machine, flags) is saturates
-
-
-def test_quantize_config_defaults_to_this_cpus_need_and_records_it() -> None:
-    cfg = QuantizeConfig()
-    assert cfg.reduce_range is int8_needs_reduce_range()
-    assert cfg.model_dump()["reduce_range"] is cfg.reduce_range
-    assert QuantizeConfig(reduce_range=False).reduce_range is False
 
 
 def test_seven_bit_rows_fit_the_unsaturated_range() -> None:
