@@ -188,6 +188,26 @@ class DistillConfig(_Strict):
         description="with top_k: compute the teacher's targets once before training instead "
         "of on every batch (memory: ~4 bytes x top_k per training position)",
     )
+    augment_copies: int = Field(
+        0,
+        ge=0,
+        le=8,
+        description="function matching: corrupted copies of the training inputs, each with "
+        "the teacher's targets on the corrupted input (needs top_k and cache_teacher)",
+    )
+    augment_substitute: float = Field(
+        0.15, gt=0.0, lt=1.0, description="share of history items a copy replaces at random"
+    )
+    augment_seed: int = 0
+
+    @model_validator(mode="after")
+    def _augment_needs_cache(self) -> DistillConfig:
+        if self.augment_copies and (self.top_k is None or not self.cache_teacher):
+            raise ValueError(
+                f"augment_copies={self.augment_copies} needs cached teacher targets: set top_k "
+                "and keep cache_teacher = true"
+            )
+        return self
 
 
 class DataSpec(_Strict):

@@ -37,6 +37,15 @@ T, the rank of each label) are computed once for every training position before 
 epoch (`TeacherTargets`) instead of on every batch: the teacher is frozen, so they never
 change between epochs, and on 2 CPU cores its forward pass made a distillation epoch 4-5x
 as long as a labels-only one. The `plateau` schedule rebuilds them when it changes T.
+
+Function matching (`augment_copies` = N > 0): besides the clean training inputs, N copies in
+which a share `augment_substitute` of the history items is replaced by uniformly random
+items (padding and labels untouched), each with the teacher's cached targets ON THAT
+corrupted input. Every batch draws one of the N + 1 copies. The student matches the teacher's
+function on inputs it has not memorised: the late overfitting of small students without
+dropout is what this targets (Beyer et al. 2022, "Knowledge distillation: a good teacher is
+patient and consistent"). Costs one more teacher pass and ~2 x (top_k + 2) bytes per training
+position for each copy.
 """
 
 from __future__ import annotations
@@ -191,6 +200,20 @@ def teacher_targets(
     return TeacherTargets(offsets, top_ids, top_logits, lse, rank, temperature)
 
 
+def substitute_items(
+    inputs: Sequence[np.ndarray], share: float, n_items: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Copies of `inputs` with each non-padding item replaced, with probability `share`, by
+    a uniformly random item id in [1, n_items]."""
+    out = []
+    for x in inputs:
+        hit = (x > 0) & (rng.random(len(x)) < share)
+        y = x.copy()
+        y[hit] = rng.integers(1, n_items + 1, int(hit.sum()))
+        out.append(y)
+    return out
+
+
 def reliability_weight(rank: Tensor) -> Tensor:
     """Trust in the teacher at a position: 1 / log2(2 + rank of the true item)."""
     return 1.0 / torch.log2(rank.float() + 2.0)
@@ -217,8 +240,11 @@ class DistillLoss:
             p.requires_grad_(False)
         self.teacher_valid_ndcg = teacher_valid_ndcg
         self.state = DistillState(temperature=cfg.temperature)
-        self.targets: TeacherTargets | None = None
+        self.targets: TeacherTargets | None = None  # of the clean inputs: pool[0]
+        self.pool: list[TeacherTargets] = []
+        self.pool_inputs: list[Sequence[np.ndarray]] = []
         self._pairs: tuple[Sequence[np.ndarray], Sequence[np.ndarray], int] | None = None
+        self._rng = np.random.default_rng(cfg.augment_seed)
 
     def prepare(
         self, inputs: Sequence[np.ndarray], targets: Sequence[np.ndarray], width: int
@@ -229,14 +255,21 @@ class DistillLoss:
         if not cfg.cache_teacher or cfg.top_k is None or cfg.top_k >= self.teacher.cfg.n_items:
             return
         self._pairs = (inputs, targets, width)
+        n_items = self.teacher.cfg.n_items
+        self.pool_inputs = [inputs] + [
+            substitute_items(inputs, cfg.augment_substitute, n_items, self._rng)
+            for _ in range(cfg.augment_copies)
+        ]
         self._build()
 
     def _build(self) -> None:
         assert self._pairs is not None and self.cfg.top_k is not None
-        inputs, targets, width = self._pairs
-        self.targets = teacher_targets(
-            self.teacher, inputs, targets, width, self.cfg.top_k, self.state.temperature
-        )
+        _, targets, width = self._pairs
+        self.pool = [
+            teacher_targets(self.teacher, x, targets, width, self.cfg.top_k, self.state.temperature)
+            for x in self.pool_inputs
+        ]
+        self.targets = self.pool[0]
 
     def combine(self, kl: Tensor, l2: Tensor, ce: Tensor, rank: Tensor | None) -> Tensor:
         """Sum over positions of the weighted per-position loss (see module docstring)."""
@@ -266,10 +299,8 @@ class DistillLoss:
         return self.combine(*terms)
 
     def _cached_chunk(
-        self, s_query: Tensor, s_weight: Tensor, rows: Tensor, labels: Tensor
+        self, s_query: Tensor, s_weight: Tensor, rows: Tensor, labels: Tensor, t: TeacherTargets
     ) -> Tensor:
-        t = self.targets
-        assert t is not None
         kl, l2, ce = cached_terms(
             s_query @ s_weight.T,
             t.top_ids[rows].long(),
@@ -317,13 +348,18 @@ class DistillLoss:
         self, student: SASRec, inputs: Tensor, targets: Tensor, pairs: np.ndarray
     ) -> Tensor:
         assert self.targets is not None
+        copy = int(self._rng.integers(len(self.pool))) if len(self.pool) > 1 else 0
+        if copy:  # function matching: this batch reads a corrupted copy of its histories
+            rebuilt = pad_left([self.pool_inputs[copy][p] for p in pairs], inputs.shape[1])
+            inputs = torch.from_numpy(rebuilt).to(inputs.device)
+        t = self.pool[copy]
         width = student.cfg.max_len
         s_hidden = student.encode(inputs[:, -width:])
         y = targets[:, -width:]
         valid = y > 0
         s_query = student.query(s_hidden[valid])
         labels = y[valid] - 1
-        rows = self.targets.rows_of(pairs)
+        rows = t.rows_of(pairs)
         if rows.shape[0] != s_query.shape[0]:
             raise RuntimeError("cached teacher targets do not match the batch; call prepare()")
         s_weight = student.output_weight[1:]
@@ -332,7 +368,7 @@ class DistillLoss:
         for start in range(0, s_query.shape[0], step):
             sl = slice(start, start + step)
             total = total + checkpoint(
-                self._cached_chunk, s_query[sl], s_weight, rows[sl], labels[sl],
+                self._cached_chunk, s_query[sl], s_weight, rows[sl], labels[sl], t,
                 use_reentrant=False,
             )  # fmt: skip
         return total / max(s_query.shape[0], 1)

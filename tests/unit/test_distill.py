@@ -10,7 +10,13 @@ import torch
 
 from compression.configs import ModelConfig
 from compression.data import pad_left
-from compression.distill import DistillConfig, DistillLoss, distill_terms, reliability_weight
+from compression.distill import (
+    DistillConfig,
+    DistillLoss,
+    distill_terms,
+    reliability_weight,
+    substitute_items,
+)
 from compression.model import SASRec
 
 S = torch.tensor([[1.0, 0.0, -1.0], [0.5, 2.0, 0.0]])
@@ -186,3 +192,52 @@ def test_no_cache_without_top_k_or_when_switched_off() -> None:
         loss = DistillLoss(cfg, teacher, teacher_valid_ndcg=0.2)
         loss.prepare(*pairs, width=10)
         assert loss.targets is None
+
+
+def test_substitute_items_corrupts_history_only() -> None:
+    rng = np.random.default_rng(0)
+    clean = [np.concatenate([np.zeros(50, dtype=np.int64), rng.integers(1, 101, 950)])]
+    (noisy,) = substitute_items(clean, 0.2, 100, np.random.default_rng(1))
+    assert (noisy[:50] == 0).all()  # padding stays padding
+    assert noisy[50:].min() >= 1 and noisy.max() <= 100
+    changed = (noisy != clean[0]).mean() / 0.95
+    assert 0.15 < changed < 0.22  # ~20% replaced (a few by the same id)
+
+
+def test_function_matching_batches_read_a_corrupted_copy_with_its_own_targets() -> None:
+    torch.manual_seed(0)
+    teacher = SASRec(ModelConfig(n_items=30, max_len=10, hidden=16)).eval()
+    student = SASRec(ModelConfig(n_items=30, max_len=6, hidden=8)).eval()
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(1, 31, size=n) for n in rng.integers(4, 12, size=20)]
+    inputs, targets = [s[:-1] for s in seqs], [s[1:] for s in seqs]
+    cfg = DistillConfig(top_k=5, alpha=1.0, augment_copies=2, augment_substitute=0.5)
+    loss = DistillLoss(cfg, teacher, teacher_valid_ndcg=0.2)
+    loss.prepare(inputs, targets, width=student.cfg.max_len)
+    assert len(loss.pool) == 3 and loss.pool_inputs[0] is inputs
+    assert all(
+        any((a != b).any() for a, b in zip(c, inputs, strict=True)) for c in loss.pool_inputs[1:]
+    )
+    rows = np.array([3, 0, 17, 9, 12])
+    y = torch.from_numpy(pad_left([targets[r] for r in rows], 10))
+
+    def batch(copy: int) -> torch.Tensor:
+        return torch.from_numpy(pad_left([loss.pool_inputs[copy][r] for r in rows], 10))
+
+    # the teacher's loss on each copy's inputs, computed on the fly for reference
+    reference = [loss(student, batch(c), y).item() for c in range(3)]
+    assert len({round(v, 4) for v in reference}) == 3
+    used = set()
+    for _ in range(12):
+        value = loss(student, batch(0), y, rows=rows).item()
+        match = [c for c, ref in enumerate(reference) if value == pytest.approx(ref, rel=2e-3)]
+        assert len(match) == 1, (value, reference)
+        used.add(match[0])
+    assert used == {0, 1, 2}
+
+
+def test_function_matching_needs_cached_targets() -> None:
+    with pytest.raises(ValueError, match="augment_copies=2 needs cached teacher targets"):
+        DistillConfig(augment_copies=2)
+    with pytest.raises(ValueError, match="cache_teacher"):
+        DistillConfig(augment_copies=1, top_k=5, cache_teacher=False)
