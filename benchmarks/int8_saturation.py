@@ -34,13 +34,26 @@ from model_store.manifest import load_manifest
 
 COLUMNS = (
     "recipe",
-    "weights_bits",
+    "row_bits",
+    "weight_bits",
     "max_abs_diff",
     "top10_agreement",
     "ndcg@10",
     "ms_b1",
     "ms_b64",
 )
+
+
+def write_table(out: Path, setup: dict[str, object], rows: list[dict[str, object]]) -> str:
+    """`int8-saturation.md` from the measured rows; returns its text."""
+    lines = [f"Setup: {json.dumps(setup)}", "", "| " + " | ".join(COLUMNS) + " |"]
+    lines.append("|---" * len(COLUMNS) + "|")
+    for r in rows:
+        cells = ["-" if r.get(k) is None else r[k] for k in COLUMNS]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    text = "\n".join(lines) + "\n"
+    (out / "int8-saturation.md").write_text(text)
+    return text
 
 
 def main() -> None:
@@ -130,13 +143,7 @@ def main() -> None:
     (args.out / "int8-saturation.json").write_text(
         json.dumps({"setup": setup, "rows": rows_out}, indent=2)
     )
-    head = "| " + " | ".join(COLUMNS) + " |"
-    lines = [f"Setup: {json.dumps(setup)}", "", head, "|---" * len(COLUMNS) + "|"]
-    for r in rows_out:
-        cells = ["-" if r.get(k) is None else r[k] for k in COLUMNS]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    (args.out / "int8-saturation.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(write_table(args.out, setup, rows_out))
 
 
 if __name__ == "__main__":

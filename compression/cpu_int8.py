@@ -30,7 +30,7 @@ def u8s8_saturates(machine: str, flags: frozenset[str] | None) -> bool:
 
     Where it matters (AVX2-only EPYC, `benchmarks/int8_saturation.py`): the int8 item rows'
     QGemm (the output product over the whole catalogue) moved the ML-1M teacher's scores by
-    up to 2.55 with 8-bit rows, 0.21 with 7-bit; top-10 agreement 0.961 vs 0.978. The block
+    up to 2.36 with 8-bit rows, 0.22 with 7-bit; top-10 agreement 0.970 vs 0.979. The block
     MatMuls of ORT's quantizers lost more to the 7th bit than to saturation.
     """
     if machine.lower() not in {"x86_64", "amd64", "i386", "i686", "x86"}:

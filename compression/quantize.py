@@ -54,7 +54,7 @@ class QuantizeConfig(BaseModel):
     the slowest and least accurate recipe. `reduce_range` stays off even on an AVX2-only
     CPU, where u8 x s8 sums can saturate: on the ML-1M teacher (2,000 validation histories,
     `benchmarks/int8_saturation.py`) 7-bit weights lowered top-10 agreement with fp32 from
-    0.970 to 0.948 (dynamic) and 0.961 to 0.936 (static), NDCG@10 within noise. The item
+    0.971 to 0.951 (dynamic) and 0.962 to 0.937 (static), NDCG@10 within noise. The item
     rows' QGemm is the exception (`quantize_item_matrix`).
     """
 
