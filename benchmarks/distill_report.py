@@ -38,6 +38,12 @@ def main() -> None:
                     if distill is None
                     else f"{distill['strategy']} a={distill['alpha']} T={distill['temperature']} "
                     f"b={distill['beta']}"
+                    + (
+                        f" + {distill['augment_copies']} corrupted copies "
+                        f"({distill['augment_substitute']:.0%} items)"
+                        if distill.get("augment_copies")
+                        else ""
+                    )
                 ),
                 "max_len": m.architecture["max_len"],
                 "dropout": m.architecture["dropout"],
