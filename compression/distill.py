@@ -240,11 +240,15 @@ class DistillLoss:
             p.requires_grad_(False)
         self.teacher_valid_ndcg = teacher_valid_ndcg
         self.state = DistillState(temperature=cfg.temperature)
-        self.targets: TeacherTargets | None = None  # of the clean inputs: pool[0]
-        self.pool: list[TeacherTargets] = []
+        self.pool: list[TeacherTargets] = []  # [clean inputs, corrupted copies...]
         self.pool_inputs: list[Sequence[np.ndarray]] = []
         self._pairs: tuple[Sequence[np.ndarray], Sequence[np.ndarray], int] | None = None
         self._rng = np.random.default_rng(cfg.augment_seed)
+
+    @property
+    def targets(self) -> TeacherTargets | None:
+        """The cached teacher targets of the clean training inputs (None: not cached)."""
+        return self.pool[0] if self.pool else None
 
     def prepare(
         self, inputs: Sequence[np.ndarray], targets: Sequence[np.ndarray], width: int
@@ -269,7 +273,6 @@ class DistillLoss:
             teacher_targets(self.teacher, x, targets, width, self.cfg.top_k, self.state.temperature)
             for x in self.pool_inputs
         ]
-        self.targets = self.pool[0]
 
     def combine(self, kl: Tensor, l2: Tensor, ce: Tensor, rank: Tensor | None) -> Tensor:
         """Sum over positions of the weighted per-position loss (see module docstring)."""

@@ -1,4 +1,4 @@
-"""Which CPUs need 7-bit int8 weights, and that the quantizers follow that rule."""
+"""Which CPUs need 7-bit int8 weights, and 7-bit item rows."""
 
 from __future__ import annotations
 
