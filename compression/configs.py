@@ -56,6 +56,14 @@ class ModelConfig(_Strict):
         256, ge=2, le=65535, description="rows of each codebook (with emb_codebooks)"
     )
 
+    item_tower: int | None = Field(
+        None,
+        ge=2,
+        description="score items with vectors this wide, made from each item's emb_dim-wide "
+        "embedding by a residual MLP (linear map + one GELU layer of this width); None = "
+        "score the embedding itself. A narrow table's scores are then no longer limited to "
+        "its rank, for ~(2 emb_dim + width + hidden) x width parameters",
+    )
     head_dim: int | None = Field(
         None,
         ge=1,

@@ -43,6 +43,37 @@ class FastDropout(nn.Module):
         return torch.where(keep, x * self.scale, 0.0)
 
 
+class ItemTower(nn.Module):
+    """Residual MLP from item embeddings to the vectors items are scored with:
+    g(e) = P e + W2 GELU(W1 LN(e) + b1).
+
+    One dot product with e-wide item vectors can only give scores of rank e; through g the
+    scored vectors are `width` wide while each item still stores e numbers. W2 starts at
+    zero, so training starts from the plain factorized model (P e) and adds the nonlinear
+    part; the LayerNorm puts the GELU's input at unit scale whatever the table's scale. No
+    output bias: it would add the same amount to every item's score.
+    """
+
+    def __init__(self, emb: int, width: int) -> None:
+        super().__init__()
+        self.skip = nn.Linear(emb, width, bias=False)
+        self.norm = nn.LayerNorm(emb)
+        self.up = nn.Linear(emb, width)
+        self.down = nn.Linear(width, width, bias=False)
+
+    def reset_parameters(self) -> None:
+        emb, width = self.skip.in_features, self.skip.out_features
+        # |P e| ~ |e|: scores start at the plain factorized model's scale.
+        nn.init.normal_(self.skip.weight, std=width**-0.5)
+        nn.init.normal_(self.up.weight, std=emb**-0.5)
+        nn.init.zeros_(self.up.bias)
+        nn.init.zeros_(self.down.weight)
+        self.norm.reset_parameters()
+
+    def forward(self, table: Tensor) -> Tensor:
+        return self.skip(table) + self.down(F.gelu(self.up(self.norm(table))))
+
+
 class CausalSelfAttention(nn.Module):
     # No dropout on attention weights: it doubled attention time on CPU; dropout stays on
     # embeddings, residual branches and FFN outputs.
@@ -107,21 +138,25 @@ class SASRec(nn.Module):
             self.item_emb = CodedEmbedding(cfg.n_items, cfg.emb_codebooks, cfg.emb_centroids, emb)
         else:
             self.item_emb = nn.Embedding(cfg.n_items + 1, emb, padding_idx=0)
-        factorized = emb != cfg.hidden
+        self.tower = ItemTower(emb, cfg.item_tower) if cfg.item_tower else None
+        scored = cfg.item_tower or emb  # width of the vectors items are scored with
         # Low-rank item matrix: project e -> hidden on the way in, hidden -> e on the way out.
-        self.in_proj = nn.Linear(emb, cfg.hidden, bias=False) if factorized else None
-        self.out_proj = nn.Linear(cfg.hidden, emb, bias=False) if factorized else None
+        self.in_proj = nn.Linear(emb, cfg.hidden, bias=False) if emb != cfg.hidden else None
+        self.out_proj = nn.Linear(cfg.hidden, scored, bias=False) if scored != cfg.hidden else None
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden)
         self.emb_drop = FastDropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_blocks))
         self.final_ln = nn.LayerNorm(cfg.hidden)
         self.out_emb = None if cfg.tied else nn.Embedding(cfg.n_items + 1, emb)
         self.apply(self._init)
+        if self.tower is not None:
+            self.tower.reset_parameters()
         # Variance-preserving projections: with the generic std 0.02 on top of 0.02 item
         # vectors, the item signal entered ~50x weaker than the positions and ML-1M
         # students with emb_dim 16 stayed at popularity level for epochs.
-        if self.in_proj is not None and self.out_proj is not None:
+        if self.in_proj is not None:
             nn.init.normal_(self.in_proj.weight, std=emb**-0.5)
+        if self.out_proj is not None:
             nn.init.normal_(self.out_proj.weight, std=cfg.hidden**-0.5)
 
     @staticmethod
@@ -135,12 +170,21 @@ class SASRec(nn.Module):
 
     @property
     def output_weight(self) -> Tensor:
-        """`[n_items + 1, emb]`: row i scores internal item i (row 0 is padding)."""
-        return self.item_emb.weight if self.out_emb is None else self.out_emb.weight
+        """`[n_items + 1, width]`: row i scores internal item i (row 0 is padding; with an
+        item tower it is not zero, and never scored: training and ranking skip column 0)."""
+        table = self.item_emb.weight if self.out_emb is None else self.out_emb.weight
+        return table if self.tower is None else self.tower(table)
 
     def query(self, hidden: Tensor) -> Tensor:
         """Map hidden states to the space of `output_weight` (identity unless factorized)."""
         return hidden if self.out_proj is None else self.out_proj(hidden)
+
+    def item_logits(self, hidden: Tensor, weight: Tensor | None = None) -> Tensor:
+        """Scores `[n, rows of weight]` of final hidden states `[n, hidden]`; `weight`
+        defaults to `output_weight[1:]` (items 1..n, so column j is item j + 1). Losses that
+        score many chunks materialize it once and pass it."""
+        weight = self.output_weight[1:] if weight is None else weight
+        return self.query(hidden) @ weight.T
 
     def _embed(self, seq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Input embeddings, validity mask `[batch, length]` and attention mask."""

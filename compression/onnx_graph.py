@@ -169,16 +169,13 @@ def build(model: SASRec, input_name: str, output_name: str) -> onnx.ModelProto:
     g.scope = "output"
     query = g.one("Squeeze", [g.norm(x, "final_ln", model.final_ln.eps), g.const("axes_1", [1])])
     if model.out_proj is not None:
-        query = g.one(
-            "MatMul", [query, g.weight("out_proj.weight_t", g.state["out_proj.weight"].T)]
-        )
+        w = g.weight("out_proj.weight_t", g.state["out_proj.weight"].T)
+        query = g.one("MatMul", [query, w])
     # Gemm(transB=1) on the very matrix the input Gather reads: one copy of it in the file,
     # and the form `quantize_item_matrix` rewrites into an int8 product.
-    matrix = (
-        items if model.out_emb is None else g.weight("out_emb.weight", g.state["out_emb.weight"])
-    )
     n_rows = cfg.n_items + 1
     zero = g.weight("scores_bias", np.zeros(n_rows, np.float32))
+    matrix = _output_matrix(g, model, items)
     g.nodes.append(
         helper.make_node("Gemm", [query, matrix, zero], [output_name], name="scores", transB=1)
     )
@@ -195,6 +192,24 @@ def build(model: SASRec, input_name: str, output_name: str) -> onnx.ModelProto:
     onnx_model.producer_name = PRODUCER
     onnx.checker.check_model(onnx_model, full_check=True)
     return onnx_model
+
+
+def _output_matrix(g: _Graph, model: SASRec, items: str) -> str:
+    """The matrix scores are taken against: the input item matrix when tied, through the
+    item tower when there is one (constants only: ORT folds it once per session, the file
+    keeps the narrow table)."""
+    table = (
+        items if model.out_emb is None else g.weight("out_emb.weight", g.state["out_emb.weight"])
+    )
+    if model.tower is None:
+        return table
+    g.scope = "tower"
+    skip = g.one("MatMul", [table, g.weight("tower.skip.weight_t", g.state["tower.skip.weight"].T)])
+    hidden = _gelu(g, g.linear(g.norm(table, "tower.norm", model.tower.norm.eps), "tower.up"))
+    down = g.weight("tower.down.weight_t", g.state["tower.down.weight"].T)
+    matrix = g.one("Add", [skip, g.one("MatMul", [hidden, down])])
+    g.scope = "output"
+    return matrix
 
 
 def _positions(g: _Graph, scheme: str, ids: str, counts: str) -> str:

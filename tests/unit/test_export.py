@@ -36,10 +36,14 @@ def histories(n: int = 40) -> list[np.ndarray]:
         {"n_blocks": 1},
         {"head_dim": 4},  # heads pruned: attention narrower than hidden
         {"emb_cutoffs": (20,), "emb_dims": (8, 4)},  # written by PyTorch's exporter
+        {"emb_dim": 4, "item_tower": 12, "tied": False},
+        {"emb_dim": 4, "item_tower": 12},  # residual MLP from item embeddings to scored vectors
     ],
 )
 def test_export_signature_and_parity(tmp_path: Path, kw: dict) -> None:
     m = model(**kw)
+    if m.tower is not None:  # its nonlinear branch starts at zero: give it weights to check
+        torch.nn.init.normal_(m.tower.down.weight, std=0.5)
     path = tmp_path / "model.onnx"
     export_onnx(m, path)
     assert not list(tmp_path.glob("*.tmp"))
