@@ -62,7 +62,8 @@ class ModelConfig(_Strict):
         description="score items with vectors this wide, made from each item's emb_dim-wide "
         "embedding by a residual MLP (linear map + one GELU layer of this width); None = "
         "score the embedding itself. A narrow table's scores are then no longer limited to "
-        "its rank, for ~(2 emb_dim + width + hidden) x width parameters",
+        "its rank, for ~(2 emb_dim + width + hidden) x width parameters; the exported graph "
+        "stores the computed [n_items + 1, width] matrix",
     )
     head_dim: int | None = Field(
         None,

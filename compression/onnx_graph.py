@@ -195,21 +195,15 @@ def build(model: SASRec, input_name: str, output_name: str) -> onnx.ModelProto:
 
 
 def _output_matrix(g: _Graph, model: SASRec, items: str) -> str:
-    """The matrix scores are taken against: the input item matrix when tied, through the
-    item tower when there is one (constants only: ORT folds it once per session, the file
-    keeps the narrow table)."""
-    table = (
-        items if model.out_emb is None else g.weight("out_emb.weight", g.state["out_emb.weight"])
-    )
-    if model.tower is None:
-        return table
-    g.scope = "tower"
-    skip = g.one("MatMul", [table, g.weight("tower.skip.weight_t", g.state["tower.skip.weight"].T)])
-    hidden = _gelu(g, g.linear(g.norm(table, "tower.norm", model.tower.norm.eps), "tower.up"))
-    down = g.weight("tower.down.weight_t", g.state["tower.down.weight"].T)
-    matrix = g.one("Add", [skip, g.one("MatMul", [hidden, down])])
-    g.scope = "output"
-    return matrix
+    """The matrix scores are taken against: the input item matrix when tied. An item tower's
+    output is written as one matrix, computed here: left as nodes on constants, ONNX
+    Runtime folds it for fp32 but not for INT8 or FP16 variants (no kernels to fold with),
+    which would recompute it on every call; stored, every variant sees an untied model."""
+    if model.tower is not None:
+        return g.weight("scored_items", model.output_weight.detach().cpu().float().numpy())
+    if model.out_emb is None:
+        return items
+    return g.weight("out_emb.weight", g.state["out_emb.weight"])
 
 
 def _positions(g: _Graph, scheme: str, ids: str, counts: str) -> str:

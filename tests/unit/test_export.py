@@ -110,3 +110,18 @@ def test_both_writers_give_the_same_scores_and_a_bad_writer_is_named(tmp_path: P
     assert nodes["graph"] < nodes["torch"] / 2, nodes
     with pytest.raises(ValueError, match="writer='tf'"):
         export_onnx(m, tmp_path / "x.onnx", writer="tf")  # type: ignore[arg-type]
+
+
+def test_item_tower_is_stored_as_the_matrix_it_computes(tmp_path: Path) -> None:
+    """Folded at export: INT8 and FP16 variants cannot fold it in ONNX Runtime and would
+    recompute the tower on every call."""
+    m = model(emb_dim=4, item_tower=12)
+    torch.nn.init.normal_(m.tower.down.weight, std=0.5)
+    path = tmp_path / "model.onnx"
+    export_onnx(m, path)
+    graph = onnx.load(str(path)).graph
+    stored = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    np.testing.assert_allclose(stored["scored_items"], m.output_weight.detach().numpy())
+    assert stored["item_emb.weight"].shape == (61, 4)  # the input side reads the narrow table
+    (scoring,) = [n for n in graph.node if "scored_items" in n.input]
+    assert scoring.op_type == "Gemm" and scoring.output[0] == "scores"
