@@ -159,12 +159,30 @@ def test_distill_loss_backpropagates_to_student_only() -> None:
     assert all(p.grad is None for p in loss.teacher.parameters())
 
 
-@pytest.mark.parametrize("strategy", ["fixed", "reliability"])
-@pytest.mark.parametrize("l2_target", ["logits", "probs"])
-def test_cached_teacher_targets_give_the_on_the_fly_loss(strategy: str, l2_target: str) -> None:
+@pytest.mark.parametrize(
+    ("strategy", "l2_target", "tower"),
+    [
+        ("fixed", "logits", None),
+        ("fixed", "probs", None),
+        ("reliability", "logits", None),
+        ("reliability", "probs", None),
+        ("fixed", "logits", 12),  # teacher and student score through item towers
+    ],
+)
+def test_cached_teacher_targets_give_the_on_the_fly_loss(
+    strategy: str, l2_target: str, tower: int | None
+) -> None:
     torch.manual_seed(0)
-    teacher = SASRec(ModelConfig(n_items=30, max_len=10, hidden=16)).eval()
-    student = SASRec(ModelConfig(n_items=30, max_len=6, hidden=8)).eval()  # reads fewer steps
+    teacher = SASRec(ModelConfig(n_items=30, max_len=10, hidden=16, item_tower=tower)).eval()
+    # reads fewer steps
+    student_cfg = ModelConfig(
+        n_items=30, max_len=6, hidden=8, emb_dim=4 if tower else None, item_tower=tower
+    )
+    student = SASRec(student_cfg)
+    for model in (teacher, student):
+        if model.tower is not None:  # the nonlinear branch starts at zero
+            torch.nn.init.normal_(model.tower.down.weight, std=0.3)
+    student.eval()
     rng = np.random.default_rng(0)
     seqs = [rng.integers(1, 31, size=n) for n in rng.integers(2, 12, size=20)]
     inputs, targets = [s[:-1] for s in seqs], [s[1:] for s in seqs]
@@ -182,6 +200,8 @@ def test_cached_teacher_targets_give_the_on_the_fly_loss(strategy: str, l2_targe
     assert cached.item() == pytest.approx(on_the_fly.item(), rel=2e-3)
     cached.backward()  # gradients reach the student through the cached path
     assert student.item_emb.weight.grad is not None
+    if tower is not None:
+        assert student.tower.up.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())
 
 
