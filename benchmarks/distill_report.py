@@ -46,6 +46,7 @@ def main() -> None:
                     )
                 ),
                 "max_len": m.architecture["max_len"],
+                "items": _item_vectors(m.architecture),
                 "dropout": m.architecture["dropout"],
                 "params": int(m.metrics["params"]),
                 "params_ratio": m.metrics.get("params_ratio", 1.0),
@@ -63,18 +64,29 @@ def main() -> None:
     lines = [
         f"Teacher {ref} ({teacher.dataset.name}); test set, full ranking, history masked.",
         "",
-        "| model | training | max len | dropout | params (ratio) | NDCG@10 | HR@10 | retention "
-        "| epochs | wall |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | training | max len | item vectors | dropout | params (ratio) | NDCG@10 | HR@10 "
+        "| retention | epochs | wall |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['training']} | {r['max_len']} | {r['dropout']} | {r['params']:,} "
+            f"| {r['model']} | {r['training']} | {r['max_len']} | {r['items']} | {r['dropout']} "
+            f"| {r['params']:,} "
             f"({r['params_ratio']:.3f}) | {r['test_ndcg@10']:.4f} | {r['test_hr@10']:.4f} "
             f"| {r['ndcg_retention']:.1%} | {r['epochs']} | {r['train_wall_s'] / 60:.1f} min |"
         )
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _item_vectors(arch: dict) -> str:
+    """How an item is stored and scored: '16', '16 -> 54 (tower)', 'mixed', 'coded'."""
+    if arch.get("emb_cutoffs"):
+        return "mixed " + "/".join(str(d) for d in arch["emb_dims"])
+    width = str(arch.get("emb_dim") or arch["hidden"])
+    if arch.get("emb_codebooks"):
+        return f"{width}, {arch['emb_codebooks']} codes"
+    return f"{width} -> {arch['item_tower']} (tower)" if arch.get("item_tower") else width
 
 
 if __name__ == "__main__":
