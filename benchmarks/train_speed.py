@@ -45,7 +45,7 @@ def plain_ce(model: SASRec, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def chunked_ce(model: SASRec, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     hidden = model.encode(x)
     valid = y > 0
-    return full_softmax_ce(model, hidden[valid], y[valid] - 1, 2048)
+    return full_softmax_ce(hidden[valid], model.output_weight[1:], y[valid] - 1, 2048)
 
 
 def use_torch_dropout(model: SASRec, p: float) -> None:

@@ -173,7 +173,7 @@ def teacher_targets(
     top_logits = torch.empty((n, top_k), dtype=torch.float16)
     lse = torch.empty(n, dtype=torch.float32)
     rank = torch.empty(n, dtype=torch.int32)
-    weight = teacher.output_weight[1:].float()
+    weight = teacher.output_weight[1:]
     order = np.argsort([len(x) for x in inputs], kind="stable")  # similar lengths together
     for start in range(0, len(order), batch_size):
         pairs = order[start : start + batch_size]
@@ -183,14 +183,14 @@ def teacher_targets(
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             hidden = teacher.encode(x)
         rows = [hidden[j, hidden.shape[1] - seen[p] :] for j, p in enumerate(pairs)]
-        hidden = torch.cat(rows).float()
+        query = teacher.query(torch.cat(rows)).float()
         labels = torch.from_numpy(np.concatenate([targets[p][-seen[p] :] for p in pairs]) - 1)
         where = torch.from_numpy(
             np.concatenate([np.arange(offsets[p], offsets[p + 1]) for p in pairs])
         )
-        for c in range(0, hidden.shape[0], chunk_rows):
+        for c in range(0, query.shape[0], chunk_rows):
             sl = slice(c, c + chunk_rows)
-            logits = teacher.item_logits(hidden[sl], weight).float()
+            logits = query[sl] @ weight.T.float()
             top = logits.topk(top_k, dim=1)
             at = where[sl]
             top_ids[at] = top.indices.to(id_dtype)
@@ -285,17 +285,11 @@ class DistillLoss:
         return (m * teacher_part + (cfg.beta + (1.0 - m)) * ce).sum()
 
     def _chunk(
-        self,
-        student: SASRec,
-        s_hidden: Tensor,
-        s_weight: Tensor,
-        t_hidden: Tensor,
-        labels: Tensor,
-        t_weight: Tensor,
+        self, s_query: Tensor, s_weight: Tensor, t_query: Tensor, labels: Tensor, t_weight: Tensor
     ) -> Tensor:
-        s_logits = student.item_logits(s_hidden, s_weight)
+        s_logits = s_query @ s_weight.T
         with torch.no_grad():
-            t_logits = self.teacher.item_logits(t_hidden, t_weight)
+            t_logits = t_query @ t_weight.T
         terms = distill_terms(
             s_logits,
             t_logits,
@@ -308,16 +302,10 @@ class DistillLoss:
         return self.combine(*terms)
 
     def _cached_chunk(
-        self,
-        student: SASRec,
-        s_hidden: Tensor,
-        s_weight: Tensor,
-        rows: Tensor,
-        labels: Tensor,
-        t: TeacherTargets,
+        self, s_query: Tensor, s_weight: Tensor, rows: Tensor, labels: Tensor, t: TeacherTargets
     ) -> Tensor:
         kl, l2, ce = cached_terms(
-            student.item_logits(s_hidden, s_weight),
+            s_query @ s_weight.T,
             t.top_ids[rows].long(),
             t.top_logits[rows].float(),
             t.lse[rows],
@@ -340,25 +328,24 @@ class DistillLoss:
         s_hidden = student.encode(inputs[:, -width:])
         y = targets[:, -width:]
         valid = y > 0
-        s_rows = s_hidden[valid]
-        t_rows = t_hidden[valid]
+        s_query = student.query(s_hidden[valid])
+        t_query = self.teacher.query(t_hidden[valid])
         labels = y[valid] - 1
         s_weight, t_weight = student.output_weight[1:], self.teacher.output_weight[1:]
-        total = s_rows.new_zeros((), dtype=torch.float32)
+        total = s_query.new_zeros((), dtype=torch.float32)
         rows = self.cfg.chunk_rows
-        for start in range(0, s_rows.shape[0], rows):
+        for start in range(0, s_query.shape[0], rows):
             sl = slice(start, start + rows)
             total = total + checkpoint(
                 self._chunk,
-                student,
-                s_rows[sl],
+                s_query[sl],
                 s_weight,
-                t_rows[sl],
+                t_query[sl],
                 labels[sl],
                 t_weight,
                 use_reentrant=False,
             )
-        return total / max(s_rows.shape[0], 1)
+        return total / max(s_query.shape[0], 1)
 
     def _cached(
         self, student: SASRec, inputs: Tensor, targets: Tensor, pairs: np.ndarray
@@ -373,21 +360,21 @@ class DistillLoss:
         s_hidden = student.encode(inputs[:, -width:])
         y = targets[:, -width:]
         valid = y > 0
-        s_rows = s_hidden[valid]
+        s_query = student.query(s_hidden[valid])
         labels = y[valid] - 1
         rows = t.rows_of(pairs)
-        if rows.shape[0] != s_rows.shape[0]:
+        if rows.shape[0] != s_query.shape[0]:
             raise RuntimeError("cached teacher targets do not match the batch; call prepare()")
         s_weight = student.output_weight[1:]
-        total = s_rows.new_zeros((), dtype=torch.float32)
+        total = s_query.new_zeros((), dtype=torch.float32)
         step = self.cfg.chunk_rows
-        for start in range(0, s_rows.shape[0], step):
+        for start in range(0, s_query.shape[0], step):
             sl = slice(start, start + step)
             total = total + checkpoint(
-                self._cached_chunk, student, s_rows[sl], s_weight, rows[sl], labels[sl], t,
+                self._cached_chunk, s_query[sl], s_weight, rows[sl], labels[sl], t,
                 use_reentrant=False,
             )  # fmt: skip
-        return total / max(s_rows.shape[0], 1)
+        return total / max(s_query.shape[0], 1)
 
     def on_eval(self, epoch: int, valid: dict[str, float]) -> None:
         """The `plateau` schedule; a no-op for the other strategies."""

@@ -179,13 +179,6 @@ class SASRec(nn.Module):
         """Map hidden states to the space of `output_weight` (identity unless factorized)."""
         return hidden if self.out_proj is None else self.out_proj(hidden)
 
-    def item_logits(self, hidden: Tensor, weight: Tensor | None = None) -> Tensor:
-        """Scores `[n, rows of weight]` of final hidden states `[n, hidden]`; `weight`
-        defaults to `output_weight[1:]` (items 1..n, so column j is item j + 1). Losses that
-        score many chunks materialize it once and pass it."""
-        weight = self.output_weight[1:] if weight is None else weight
-        return self.query(hidden) @ weight.T
-
     def _embed(self, seq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Input embeddings, validity mask `[batch, length]` and attention mask."""
         seq = seq[:, -self.cfg.max_len :]

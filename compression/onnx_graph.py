@@ -169,8 +169,9 @@ def build(model: SASRec, input_name: str, output_name: str) -> onnx.ModelProto:
     g.scope = "output"
     query = g.one("Squeeze", [g.norm(x, "final_ln", model.final_ln.eps), g.const("axes_1", [1])])
     if model.out_proj is not None:
-        w = g.weight("out_proj.weight_t", g.state["out_proj.weight"].T)
-        query = g.one("MatMul", [query, w])
+        query = g.one(
+            "MatMul", [query, g.weight("out_proj.weight_t", g.state["out_proj.weight"].T)]
+        )
     # Gemm(transB=1) on the very matrix the input Gather reads: one copy of it in the file,
     # and the form `quantize_item_matrix` rewrites into an int8 product.
     n_rows = cfg.n_items + 1

@@ -116,25 +116,22 @@ def batches_per_epoch(n_pairs: int, batch_size: int, chunk_batches: int = 50) ->
     return full * chunk_batches + -(-rest // batch_size)
 
 
-def _ce_sum(model: SASRec, hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
-    return F.cross_entropy(model.item_logits(hidden, weight).float(), targets, reduction="sum")
+def _ce_sum(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy((hidden @ weight.T).float(), targets, reduction="sum")
 
 
-def full_softmax_ce(model: SASRec, hidden: Tensor, targets: Tensor, chunk_rows: int) -> Tensor:
-    """Mean cross-entropy of `model.item_logits(hidden)` without keeping the full logit
-    matrix.
+def full_softmax_ce(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int) -> Tensor:
+    """Mean cross-entropy of `hidden @ weight.T` without keeping the full logit matrix.
 
-    `hidden` are final hidden states; scores cover items 1..n, so `targets` are internal
-    ids minus one. Each chunk is checkpointed: its logits are recomputed in backward instead
-    of stored, which is what makes the full softmax over all items affordable in memory and
-    time.
+    `weight` excludes the padding row, so `targets` are internal ids minus one. Each chunk is
+    checkpointed: its logits are recomputed in backward instead of stored, which is what
+    makes the full softmax over all items affordable in memory and time.
     """
-    weight = model.output_weight[1:]  # materialized once per batch (mixed / coded tables)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_rows):
         end = start + chunk_rows
         total = total + checkpoint(
-            _ce_sum, model, hidden[start:end], weight, targets[start:end], use_reentrant=False
+            _ce_sum, hidden[start:end], weight, targets[start:end], use_reentrant=False
         )
     return total / hidden.shape[0]
 
@@ -163,7 +160,9 @@ def sasrec_loss(chunk_rows: int) -> LossFn:
         hidden = model.encode(inputs[:, -width:])
         targets = targets[:, -width:]
         valid = targets > 0
-        return full_softmax_ce(model, hidden[valid], targets[valid] - 1, chunk_rows)
+        return full_softmax_ce(
+            model.query(hidden[valid]), model.output_weight[1:], targets[valid] - 1, chunk_rows
+        )
 
     return loss
 
