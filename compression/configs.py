@@ -65,6 +65,18 @@ class ModelConfig(_Strict):
         "its rank, for ~(2 emb_dim + width + hidden) x width parameters; the exported graph "
         "stores the computed [n_items + 1, width] matrix",
     )
+    successors: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="sparse successor lists: also score each of the last successor_lags "
+        "items' this many most frequent next items (ids fixed from the training sequences, "
+        "one trained weight per lag and slot; compression/successors.py). The ids count as "
+        "parameters. None = dense scores only",
+    )
+    successor_lags: int = Field(
+        3, ge=1, le=16, description="how many of the most recent items the successor lists read"
+    )
     head_dim: int | None = Field(
         None,
         ge=1,

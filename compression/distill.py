@@ -62,6 +62,7 @@ from torch.utils.checkpoint import checkpoint
 from compression.configs import DistillConfig
 from compression.data import pad_left
 from compression.model import SASRec
+from compression.successors import add_entries
 
 
 def distill_terms(
@@ -184,6 +185,12 @@ def teacher_targets(
             hidden = teacher.encode(x)
         rows = [hidden[j, hidden.shape[1] - seen[p] :] for j, p in enumerate(pairs)]
         query = teacher.query(torch.cat(rows)).float()
+        entries = teacher.successor_entries(x)
+        if entries is not None:
+            ids, values = (
+                torch.cat([e[j, e.shape[1] - seen[p] :] for j, p in enumerate(pairs)])
+                for e in entries
+            )
         labels = torch.from_numpy(np.concatenate([targets[p][-seen[p] :] for p in pairs]) - 1)
         where = torch.from_numpy(
             np.concatenate([np.arange(offsets[p], offsets[p + 1]) for p in pairs])
@@ -191,6 +198,8 @@ def teacher_targets(
         for c in range(0, query.shape[0], chunk_rows):
             sl = slice(c, c + chunk_rows)
             logits = query[sl] @ weight.T.float()
+            if entries is not None:
+                logits = add_entries(logits, (ids[sl], values[sl].float()))
             top = logits.topk(top_k, dim=1)
             at = where[sl]
             top_ids[at] = top.indices.to(id_dtype)
@@ -212,6 +221,11 @@ def substitute_items(
         y[hit] = rng.integers(1, n_items + 1, int(hit.sum()))
         out.append(y)
     return out
+
+
+def _at(entries: tuple[Tensor, Tensor] | None, index: object) -> tuple[Tensor, Tensor] | None:
+    """Index both tensors of optional successor entries alike."""
+    return None if entries is None else (entries[0][index], entries[1][index])  # type: ignore[index]
 
 
 def reliability_weight(rank: Tensor) -> Tensor:
@@ -285,11 +299,18 @@ class DistillLoss:
         return (m * teacher_part + (cfg.beta + (1.0 - m)) * ce).sum()
 
     def _chunk(
-        self, s_query: Tensor, s_weight: Tensor, t_query: Tensor, labels: Tensor, t_weight: Tensor
+        self,
+        s_query: Tensor,
+        s_weight: Tensor,
+        t_query: Tensor,
+        labels: Tensor,
+        t_weight: Tensor,
+        s_entries: tuple[Tensor, Tensor] | None,
+        t_entries: tuple[Tensor, Tensor] | None,
     ) -> Tensor:
-        s_logits = s_query @ s_weight.T
+        s_logits = add_entries(s_query @ s_weight.T, s_entries)
         with torch.no_grad():
-            t_logits = t_query @ t_weight.T
+            t_logits = add_entries(t_query @ t_weight.T, t_entries)
         terms = distill_terms(
             s_logits,
             t_logits,
@@ -302,10 +323,16 @@ class DistillLoss:
         return self.combine(*terms)
 
     def _cached_chunk(
-        self, s_query: Tensor, s_weight: Tensor, rows: Tensor, labels: Tensor, t: TeacherTargets
+        self,
+        s_query: Tensor,
+        s_weight: Tensor,
+        rows: Tensor,
+        labels: Tensor,
+        t: TeacherTargets,
+        s_entries: tuple[Tensor, Tensor] | None,
     ) -> Tensor:
         kl, l2, ce = cached_terms(
-            s_query @ s_weight.T,
+            add_entries(s_query @ s_weight.T, s_entries),
             t.top_ids[rows].long(),
             t.top_logits[rows].float(),
             t.lse[rows],
@@ -325,9 +352,14 @@ class DistillLoss:
         width = student.cfg.max_len
         with torch.no_grad():
             t_hidden = self.teacher.encode(inputs)[:, -width:]
+            t_entries = _at(
+                self.teacher.successor_entries(inputs), (slice(None), slice(-width, None))
+            )
         s_hidden = student.encode(inputs[:, -width:])
         y = targets[:, -width:]
         valid = y > 0
+        s_entries = _at(student.successor_entries(inputs[:, -width:]), valid)
+        t_entries = _at(t_entries, valid)
         s_query = student.query(s_hidden[valid])
         t_query = self.teacher.query(t_hidden[valid])
         labels = y[valid] - 1
@@ -343,6 +375,8 @@ class DistillLoss:
                 t_query[sl],
                 labels[sl],
                 t_weight,
+                _at(s_entries, sl),
+                _at(t_entries, sl),
                 use_reentrant=False,
             )
         return total / max(s_query.shape[0], 1)
@@ -361,6 +395,7 @@ class DistillLoss:
         y = targets[:, -width:]
         valid = y > 0
         s_query = student.query(s_hidden[valid])
+        s_entries = _at(student.successor_entries(inputs[:, -width:]), valid)
         labels = y[valid] - 1
         rows = t.rows_of(pairs)
         if rows.shape[0] != s_query.shape[0]:
@@ -372,7 +407,7 @@ class DistillLoss:
             sl = slice(start, start + step)
             total = total + checkpoint(
                 self._cached_chunk, s_query[sl], s_weight, rows[sl], labels[sl], t,
-                use_reentrant=False,
+                _at(s_entries, sl), use_reentrant=False,
             )  # fmt: skip
         return total / max(s_query.shape[0], 1)
 

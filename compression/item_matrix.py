@@ -108,7 +108,13 @@ def quantize_item_matrix(
     inits = {i.name: i for i in graph.initializer}
     floats = {n: i for n, i in inits.items() if i.data_type == TensorProto.FLOAT}
 
-    out_node = producer_map(graph)[OUTPUT_NAME]
+    producers = producer_map(graph)
+    out_node = producers[OUTPUT_NAME]
+    # The scores before successor lists add to them (compression/successors.py).
+    scores_name = OUTPUT_NAME
+    if out_node.op_type == "ScatterElements":
+        scores_name = out_node.input[0]
+        out_node = producers[scores_name]
     out_matrix: np.ndarray | None = None
     out_bias: str | None = None
     if out_node.op_type == "Gemm" and len(out_node.input) > 1 and out_node.input[1] in floats:
@@ -200,7 +206,7 @@ def quantize_item_matrix(
         elif node is out_node and out_matrix is not None:
             q_name, s_name = out_names
             query, p = node.input[0], f"{node.name}_int8"
-            product = OUTPUT_NAME if out_bias is None else f"{p}_product"
+            product = scores_name if out_bias is None else f"{p}_product"
             if output_compute == "int8":
                 # QGemm requires B's zero point: zeros, one per item (symmetric rows).
                 zero_name = f"{q_name}.zero"
@@ -233,7 +239,7 @@ def quantize_item_matrix(
                 ]
             if out_bias is not None:
                 nodes.append(
-                    helper.make_node("Add", [product, out_bias], [OUTPUT_NAME], name=f"{p}_bias")
+                    helper.make_node("Add", [product, out_bias], [scores_name], name=f"{p}_bias")
                 )
         else:
             nodes.append(node)

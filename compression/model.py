@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from compression.coded_embedding import CodedEmbedding
 from compression.configs import ModelConfig
 from compression.embedding import MixedDimEmbedding
+from compression.successors import SuccessorTable
 
 
 class FastDropout(nn.Module):
@@ -148,6 +149,11 @@ class SASRec(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_blocks))
         self.final_ln = nn.LayerNorm(cfg.hidden)
         self.out_emb = None if cfg.tied else nn.Embedding(cfg.n_items + 1, emb)
+        self.successors = (
+            SuccessorTable(cfg.n_items, cfg.successors, cfg.successor_lags)
+            if cfg.successors
+            else None
+        )
         self.apply(self._init)
         if self.tower is not None:
             self.tower.reset_parameters()
@@ -226,9 +232,21 @@ class SASRec(nn.Module):
         # copy of the item matrix, doubling the model file.
         weight = self.output_weight
         zero_bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
-        return F.linear(self.query(self.final_ln(last)), weight, zero_bias)
+        scores = F.linear(self.query(self.final_ln(last)), weight, zero_bias)
+        if self.successors is not None:
+            scores = self.successors.add_to(scores, seq[:, -self.cfg.max_len :])
+        return scores
+
+    def successor_entries(self, seq: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Sparse score entries at every position of `seq` (`SuccessorTable.at_positions`),
+        for losses over all positions; None without successor lists."""
+        if self.successors is None:
+            return None
+        return self.successors.at_positions(seq[:, -self.cfg.max_len :])
 
     def num_parameters(self) -> int:
-        """Trained values, plus one per code of coded item embeddings (fixed, but stored)."""
+        """Trained values, plus one per stored id that is fixed but scores: codes of coded
+        item embeddings, successor ids."""
         codes = self.item_emb.n_codes if isinstance(self.item_emb, CodedEmbedding) else 0
-        return sum(p.numel() for p in self.parameters()) + codes
+        ids = self.successors.n_ids if self.successors is not None else 0
+        return sum(p.numel() for p in self.parameters()) + codes + ids

@@ -177,9 +177,12 @@ def build(model: SASRec, input_name: str, output_name: str) -> onnx.ModelProto:
     n_rows = cfg.n_items + 1
     zero = g.weight("scores_bias", np.zeros(n_rows, np.float32))
     matrix = _output_matrix(g, model, items)
+    dense = output_name if model.successors is None else "dense_scores"
     g.nodes.append(
-        helper.make_node("Gemm", [query, matrix, zero], [output_name], name="scores", transB=1)
+        helper.make_node("Gemm", [query, matrix, zero], [dense], name="scores", transB=1)
     )
+    if model.successors is not None:
+        _successor_scores(g, model, ids, dense, output_name)
 
     graph = helper.make_graph(
         g.nodes,
@@ -205,6 +208,39 @@ def _output_matrix(g: _Graph, model: SASRec, items: str) -> str:
     if model.out_emb is None:
         return items
     return g.weight("out_emb.weight", g.state["out_emb.weight"])
+
+
+def _successor_scores(g: _Graph, model: SASRec, ids: str, dense: str, output_name: str) -> None:
+    """`dense` plus the successor lists' scores of the window's last `lags` items, as one
+    ScatterElements(add) into the score row (duplicates add up, as in PyTorch)."""
+    table = model.successors
+    assert table is not None
+    g.scope = "successors"
+    lags = table.lags
+    padded = g.one("Pad", [ids, g.const("successor_pads", [0, lags, 0, 0])])
+    start = g.const("successor_start", [-lags])
+    recent = g.one("Slice", [padded, start, g.const("end", [_END]), g.const("axis_1", [1])])
+    # int32 ids: half the bytes, and TensorRT narrows int64 anyway.
+    succ = table.succ.cpu().numpy().astype(np.int32)
+    found = g.one("Gather", [g.weight("successors.succ", succ), recent])  # [batch, lags, k]
+    # `recent` runs oldest first; the weights' rows run most recent first.
+    weight = table.weight.detach().cpu().float().numpy()[::-1]
+    present = g.one("Greater", [found, g.const("zero_i32", 0, np.int32)])
+    values = g.one(
+        "Where",
+        [present, g.weight("successors.weight", weight), g.const("zero_f", 0.0, np.float32)],
+    )
+    flat = g.const("flat_shape", [0, -1])
+    g.nodes.append(
+        helper.make_node(
+            "ScatterElements",
+            [dense, g.one("Reshape", [found, flat]), g.one("Reshape", [values, flat])],
+            [output_name],
+            name="successor_scores",
+            axis=1,
+            reduction="add",
+        )
+    )
 
 
 def _positions(g: _Graph, scheme: str, ids: str, counts: str) -> str:

@@ -28,6 +28,7 @@ from compression.data import Split, pad_left
 from compression.embedding import MixedDimEmbedding
 from compression.evaluate import evaluate_model
 from compression.model import SASRec
+from compression.successors import add_entries
 
 CHECKPOINT_FORMAT = "recsys-sasrec/1"
 
@@ -116,22 +117,41 @@ def batches_per_epoch(n_pairs: int, batch_size: int, chunk_batches: int = 50) ->
     return full * chunk_batches + -(-rest // batch_size)
 
 
-def _ce_sum(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
-    return F.cross_entropy((hidden @ weight.T).float(), targets, reduction="sum")
+def _ce_sum(
+    hidden: Tensor, weight: Tensor, targets: Tensor, ids: Tensor | None, values: Tensor | None
+) -> Tensor:
+    logits = hidden @ weight.T
+    if ids is not None and values is not None:
+        logits = add_entries(logits, (ids, values))
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
-def full_softmax_ce(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int) -> Tensor:
-    """Mean cross-entropy of `hidden @ weight.T` without keeping the full logit matrix.
+def full_softmax_ce(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    chunk_rows: int,
+    entries: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """Mean cross-entropy of `hidden @ weight.T` (plus sparse successor `entries`, one row
+    per hidden row) without keeping the full logit matrix.
 
     `weight` excludes the padding row, so `targets` are internal ids minus one. Each chunk is
     checkpointed: its logits are recomputed in backward instead of stored, which is what
     makes the full softmax over all items affordable in memory and time.
     """
+    ids, values = entries if entries is not None else (None, None)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_rows):
-        end = start + chunk_rows
+        sl = slice(start, start + chunk_rows)
         total = total + checkpoint(
-            _ce_sum, hidden[start:end], weight, targets[start:end], use_reentrant=False
+            _ce_sum,
+            hidden[sl],
+            weight,
+            targets[sl],
+            None if ids is None else ids[sl],
+            None if values is None else values[sl],
+            use_reentrant=False,
         )
     return total / hidden.shape[0]
 
@@ -160,8 +180,13 @@ def sasrec_loss(chunk_rows: int) -> LossFn:
         hidden = model.encode(inputs[:, -width:])
         targets = targets[:, -width:]
         valid = targets > 0
+        entries = model.successor_entries(inputs[:, -width:])
         return full_softmax_ce(
-            model.query(hidden[valid]), model.output_weight[1:], targets[valid] - 1, chunk_rows
+            model.query(hidden[valid]),
+            model.output_weight[1:],
+            targets[valid] - 1,
+            chunk_rows,
+            None if entries is None else (entries[0][valid], entries[1][valid]),
         )
 
     return loss
@@ -201,6 +226,8 @@ def train(
         model = SASRec(model_cfg)
         if isinstance(model.item_emb, MixedDimEmbedding):
             model.item_emb.set_popularity(split.item_counts())
+        if model.successors is not None:
+            model.successors.fit(split.train)
     else:
         model = copy.deepcopy(init_model)
     model = model.to(device)

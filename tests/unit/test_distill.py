@@ -160,31 +160,42 @@ def test_distill_loss_backpropagates_to_student_only() -> None:
 
 
 @pytest.mark.parametrize(
-    ("strategy", "l2_target", "tower"),
+    ("strategy", "l2_target", "tower", "successors"),
     [
-        ("fixed", "logits", None),
-        ("fixed", "probs", None),
-        ("reliability", "logits", None),
-        ("reliability", "probs", None),
-        ("fixed", "logits", 12),  # teacher and student score through item towers
+        ("fixed", "logits", None, None),
+        ("fixed", "probs", None, None),
+        ("reliability", "logits", None, None),
+        ("reliability", "probs", None, None),
+        ("fixed", "logits", 12, None),  # teacher and student score through item towers
+        ("fixed", "logits", None, 3),  # both add successor-list scores
     ],
 )
 def test_cached_teacher_targets_give_the_on_the_fly_loss(
-    strategy: str, l2_target: str, tower: int | None
+    strategy: str, l2_target: str, tower: int | None, successors: int | None
 ) -> None:
     torch.manual_seed(0)
-    teacher = SASRec(ModelConfig(n_items=30, max_len=10, hidden=16, item_tower=tower)).eval()
+    teacher = SASRec(
+        ModelConfig(n_items=30, max_len=10, hidden=16, item_tower=tower, successors=successors)
+    ).eval()
     # reads fewer steps
     student_cfg = ModelConfig(
-        n_items=30, max_len=6, hidden=8, emb_dim=4 if tower else None, item_tower=tower
+        n_items=30,
+        max_len=6,
+        hidden=8,
+        emb_dim=4 if tower else None,
+        item_tower=tower,
+        successors=successors,
     )
     student = SASRec(student_cfg)
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(1, 31, size=n) for n in rng.integers(2, 12, size=20)]
     for model in (teacher, student):
         if model.tower is not None:  # the nonlinear branch starts at zero
             torch.nn.init.normal_(model.tower.down.weight, std=0.3)
+        if model.successors is not None:  # so do the successor weights
+            model.successors.fit(seqs)
+            torch.nn.init.normal_(model.successors.weight, std=1.0)
     student.eval()
-    rng = np.random.default_rng(0)
-    seqs = [rng.integers(1, 31, size=n) for n in rng.integers(2, 12, size=20)]
     inputs, targets = [s[:-1] for s in seqs], [s[1:] for s in seqs]
     cfg = DistillConfig(top_k=5, temperature=2.0, alpha=0.7, beta=0.3, strategy=strategy,
                         l2_target=l2_target)  # fmt: skip
@@ -202,6 +213,8 @@ def test_cached_teacher_targets_give_the_on_the_fly_loss(
     assert student.item_emb.weight.grad is not None
     if tower is not None:
         assert student.tower.up.weight.grad.abs().sum() > 0
+    if successors is not None:
+        assert student.successors.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())
 
 

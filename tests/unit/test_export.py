@@ -38,12 +38,17 @@ def histories(n: int = 40) -> list[np.ndarray]:
         {"emb_cutoffs": (20,), "emb_dims": (8, 4)},  # written by PyTorch's exporter
         {"emb_dim": 4, "item_tower": 12, "tied": False},
         {"emb_dim": 4, "item_tower": 12},  # residual MLP from item embeddings to scored vectors
+        {"emb_dim": 4, "successors": 3, "successor_lags": 2},  # sparse successor lists
     ],
 )
 def test_export_signature_and_parity(tmp_path: Path, kw: dict) -> None:
     m = model(**kw)
     if m.tower is not None:  # its nonlinear branch starts at zero: give it weights to check
         torch.nn.init.normal_(m.tower.down.weight, std=0.5)
+    if m.successors is not None:  # fitted on the test histories, weights distinct per slot
+        m.successors.fit(histories())
+        with torch.no_grad():
+            m.successors.weight.copy_(torch.arange(6.0).reshape(2, 3) + 1.0)
     path = tmp_path / "model.onnx"
     export_onnx(m, path)
     assert not list(tmp_path.glob("*.tmp"))
