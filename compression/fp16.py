@@ -28,13 +28,22 @@ def convert_fp16(src: str | Path, dst: str | Path) -> ModelSummary:
     agreement with fp32 was 0.9995. Masks in the model use `torch.where`, which is why the
     conversion succeeds at all (DESIGN §8: a float-cast mask breaks it).
     """
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.float16 import (
+        DEFAULT_OP_BLOCK_LIST,
+        convert_float_to_float16,
+    )
 
     src, dst = Path(src), Path(dst)
     model = load_scoring_model(src)
     n_scores = score_width(model, src)
     try:
-        half = convert_float_to_float16(model, keep_io_types=True)
+        # ORT's CPU provider has no fp16 ScatterElements(add) (successor lists); it stays
+        # fp32 between two casts, on a [batch, lags * k] update only.
+        half = convert_float_to_float16(
+            model,
+            keep_io_types=True,
+            op_block_list=[*DEFAULT_OP_BLOCK_LIST, "ScatterElements"],
+        )
     except Exception as exc:
         raise QuantizeError(f"{src}: float16 conversion failed ({exc})") from None
     with atomic_output(dst, n_scores) as tmp:
