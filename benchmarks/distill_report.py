@@ -80,13 +80,16 @@ def main() -> None:
 
 
 def _item_vectors(arch: dict) -> str:
-    """How an item is stored and scored: '16', '16 -> 54 (tower)', 'mixed', 'coded'."""
+    """How an item is stored and scored: '16', '16 -> 54 (tower)', 'mixed', 'coded', and
+    '+ 2 successors' with successor lists."""
+    lists = f" + {arch['successors']} successors" if arch.get("successors") else ""
     if arch.get("emb_cutoffs"):
-        return "mixed " + "/".join(str(d) for d in arch["emb_dims"])
+        return "mixed " + "/".join(str(d) for d in arch["emb_dims"]) + lists
     width = str(arch.get("emb_dim") or arch["hidden"])
     if arch.get("emb_codebooks"):
-        return f"{width}, {arch['emb_codebooks']} codes"
-    return f"{width} -> {arch['item_tower']} (tower)" if arch.get("item_tower") else width
+        return f"{width}, {arch['emb_codebooks']} codes{lists}"
+    scored = f"{width} -> {arch['item_tower']} (tower)" if arch.get("item_tower") else width
+    return scored + lists
 
 
 if __name__ == "__main__":
