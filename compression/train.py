@@ -226,10 +226,12 @@ def train(
         model = SASRec(model_cfg)
         if isinstance(model.item_emb, MixedDimEmbedding):
             model.item_emb.set_popularity(split.item_counts())
-        if model.successors is not None:
-            model.successors.fit(split.train)
     else:
         model = copy.deepcopy(init_model)
+    # Also for a given start model that has none yet (e.g. a coded student made from the
+    # teacher); a pruned or copied model keeps the lists it was trained with.
+    if model.successors is not None and not bool(model.successors.succ.any()):
+        model.successors.fit(split.train)
     model = model.to(device)
     loss_fn = loss_fn or sasrec_loss(train_cfg.loss_chunk_rows)
     # Windows as long as the teacher reads, one every `max_len` steps: the model is trained

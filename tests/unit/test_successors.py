@@ -103,6 +103,22 @@ def test_training_fits_the_lists_and_learns_their_weights(trained: tuple[SASRec,
     assert model.successors.weight.abs().min() > 0  # moved from their zero start
 
 
+def test_a_given_start_model_without_lists_gets_them_fitted(trained: tuple[SASRec, Split]) -> None:
+    """E.g. a coded student built from the teacher before training."""
+    model, split = trained
+    fresh = SASRec(model.cfg)
+    assert not fresh.successors.succ.any()
+    result = train(
+        model.cfg,
+        TrainConfig(max_epochs=1, batch_size=64, bf16=False, threads=1),
+        split,
+        progress=False,
+        log=lambda _: None,
+        init_model=fresh,
+    )
+    assert np.array_equal(result.model.successors.succ.numpy(), model.successors.succ.numpy())
+
+
 @pytest.mark.parametrize("variant", ["fp32", "item-matrix+dynamic", "fp16"])
 def test_exported_variants_keep_the_successor_scores(
     trained: tuple[SASRec, Split], tmp_path: Path, variant: str
