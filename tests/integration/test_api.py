@@ -265,7 +265,11 @@ def test_an_unreadable_store_keeps_the_process_alive_but_not_ready(tmp_path: Pat
     settings = make_settings(tmp_path / "missing", load_retry_s=0.05)
     with TestClient(create_app(settings)) as c:
         assert c.get("/healthz").status_code == 200
-        r = c.get("/readyz")
+        for _ in range(500):  # the first load attempt runs in the background: wait for it
+            r = c.get("/readyz")
+            if "variant 'full'" in error_of(r)["error"]:
+                break
+            time.sleep(0.01)
         assert r.status_code == 503 and "variant 'full'" in error_of(r)["error"]
         r = c.post("/v1/recommend", json={"user_id": "u", "history": [1]})
         assert r.status_code == 503 and error_of(r)["code"] == "not_ready"
