@@ -11,6 +11,8 @@ import pytest
 if TYPE_CHECKING:
     import onnx
 
+    from compression.configs import ModelConfig
+    from compression.data import Split
     from compression.model import SASRec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -64,3 +66,17 @@ def export_with_parity(model: SASRec, path: Path) -> None:
     histories = [rng.integers(1, n_items + 1, size=rng.integers(1, 30)) for _ in range(40)]
     report = check_parity(model, path, histories, batch_size=7)
     assert report.max_abs_diff < 1e-4 and report.top10_agreement == 1.0
+
+
+def quick_train(
+    cfg: ModelConfig, split: Split, epochs: int, init_model: SASRec | None = None
+) -> SASRec:
+    """A few quiet epochs on one thread in fp32 (lr 5e-3, batch 64): weights with structure
+    for export and quantization tests."""
+    from compression.configs import TrainConfig
+    from compression.train import train
+
+    train_cfg = TrainConfig(max_epochs=epochs, lr=5e-3, batch_size=64, bf16=False, threads=1)
+    return train(
+        cfg, train_cfg, split, progress=False, log=lambda _: None, init_model=init_model
+    ).model

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from pydantic import ValidationError
 
-from compression.configs import ModelConfig, TrainConfig
+from compression.configs import ModelConfig
 from compression.cpu_int8 import int8_needs_reduce_range
 from compression.data import Split, leave_one_out
 from compression.export import export_onnx
@@ -26,7 +26,7 @@ from compression.quantize import (
 )
 from compression.quantize_adaptive import adaptive_quantize
 from compression.synthetic import SyntheticConfig, synthetic_dataset
-from compression.train import train
+from tests.conftest import quick_train
 
 MAX_LEN = 20
 N_ITEMS = 60
@@ -38,15 +38,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Split]:
     data = synthetic_dataset(SyntheticConfig(users=400, items=N_ITEMS, min_len=5, max_len=20))
     split = leave_one_out(data)
     cfg = ModelConfig(n_items=N_ITEMS, max_len=MAX_LEN, hidden=32, n_blocks=2, n_heads=2)
-    result = train(
-        cfg,
-        TrainConfig(max_epochs=3, lr=5e-3, batch_size=64, bf16=False, threads=1),
-        split,
-        progress=False,
-        log=lambda _: None,
-    )
     path = tmp_path_factory.mktemp("fp32") / "model.onnx"
-    export_onnx(result.model, path)
+    export_onnx(quick_train(cfg, split, epochs=3), path)
     return path, split
 
 

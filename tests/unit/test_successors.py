@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from compression.configs import ModelConfig, TrainConfig
+from compression.configs import ModelConfig
 from compression.data import Split, leave_one_out, pad_left
 from compression.export import export_onnx
 from compression.fp16 import convert_fp16
@@ -20,7 +20,7 @@ from compression.model import SASRec
 from compression.quantize import quantize_dynamic_int8
 from compression.successors import top_successors
 from compression.synthetic import SyntheticConfig, synthetic_dataset
-from compression.train import train
+from tests.conftest import quick_train
 
 N_ITEMS = 40
 
@@ -86,14 +86,7 @@ def trained() -> tuple[SASRec, Split]:
     data = synthetic_dataset(SyntheticConfig(users=300, items=N_ITEMS, min_len=5, max_len=20))
     split = leave_one_out(data)
     cfg = ModelConfig(n_items=N_ITEMS, max_len=12, hidden=16, emb_dim=8, successors=3)
-    result = train(
-        cfg,
-        TrainConfig(max_epochs=2, lr=5e-3, batch_size=64, bf16=False, threads=1),
-        split,
-        progress=False,
-        log=lambda _: None,
-    )
-    return result.model, split
+    return quick_train(cfg, split, epochs=2), split
 
 
 def test_training_fits_the_lists_and_learns_their_weights(trained: tuple[SASRec, Split]) -> None:
@@ -108,15 +101,8 @@ def test_a_given_start_model_without_lists_gets_them_fitted(trained: tuple[SASRe
     model, split = trained
     fresh = SASRec(model.cfg)
     assert not fresh.successors.succ.any()
-    result = train(
-        model.cfg,
-        TrainConfig(max_epochs=1, batch_size=64, bf16=False, threads=1),
-        split,
-        progress=False,
-        log=lambda _: None,
-        init_model=fresh,
-    )
-    assert np.array_equal(result.model.successors.succ.numpy(), model.successors.succ.numpy())
+    again = quick_train(model.cfg, split, epochs=1, init_model=fresh)
+    assert np.array_equal(again.successors.succ.numpy(), model.successors.succ.numpy())
 
 
 @pytest.mark.parametrize("variant", ["fp32", "item-matrix+dynamic", "fp16"])
