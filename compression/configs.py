@@ -162,6 +162,13 @@ class TrainConfig(_Strict):
         description="'cosine': lr falls from `lr` to 0 along a half cosine over max_epochs "
         "epochs, step by step (a fixed horizon instead of reacting to a noisy validation)",
     )
+    ema_epochs: float | None = Field(
+        None,
+        gt=0.0,
+        description="validate, keep and publish an exponential moving average of the weights "
+        "that spans about this many recent epochs (decay 1 - 1 / (ema_epochs x steps per "
+        "epoch)) instead of the last step's weights; None = the weights as trained",
+    )
     windows: Literal["last", "all"] = Field(
         "last",
         description="train on each user's last max_len steps, or on every max_len-step "

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
@@ -256,6 +257,9 @@ def train(
     if train_cfg.lr_schedule == "cosine":
         total_steps = train_cfg.max_epochs * batches_per_epoch(len(inputs), train_cfg.batch_size)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    ema = weight_average(model, train_cfg.ema_epochs, len(inputs), train_cfg.batch_size)
+    # What is validated, kept and returned: the moving average when there is one.
+    scored = model if ema is None else ema.module
     best_state = copy.deepcopy(model.state_dict())
     best_ndcg, best_epoch, best_valid, bad_evals, lr_decays = -1.0, 0, {}, 0, 0
     history: list[dict[str, float]] = []
@@ -277,6 +281,8 @@ def train(
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
             n = int(lengths[idx].sum())
             loss_sum += float(loss.detach()) * n
             positions += n
@@ -290,13 +296,13 @@ def train(
             "lr": optimizer.param_groups[0]["lr"],
         }
         if epoch % train_cfg.eval_every == 0 or epoch == train_cfg.max_epochs:
-            valid = evaluate_model(model, split, "valid", train_cfg.eval_batch_size)
+            valid = evaluate_model(scored, split, "valid", train_cfg.eval_batch_size)
             record.update({f"valid_{k}": v for k, v in valid.items() if k != "users"})
             if on_eval is not None:
                 on_eval(epoch, valid)
             if valid["ndcg@10"] > best_ndcg:
                 best_ndcg, best_epoch, best_valid, bad_evals = valid["ndcg@10"], epoch, valid, 0
-                best_state = copy.deepcopy(model.state_dict())
+                best_state = copy.deepcopy(scored.state_dict())
             else:
                 bad_evals += 1
         history.append(record)
@@ -312,6 +318,7 @@ def train(
             lr_decays += 1
             bad_evals = 0
             model.load_state_dict(best_state)
+            scored.load_state_dict(best_state)
             for group in optimizer.param_groups:
                 group["lr"] *= train_cfg.lr_decay_factor
             log(
@@ -335,6 +342,23 @@ def train(
         history=history,
         stopped_by=stopped_by,
     )
+
+
+def weight_average(
+    model: SASRec, ema_epochs: float | None, n_pairs: int, batch_size: int
+) -> AveragedModel | None:
+    """An exponential moving average of `model`'s weights spanning ~`ema_epochs` epochs.
+
+    Why: a small model's validation NDCG@10 swings by ~2% between consecutive epochs at a
+    constant lr (the noise of the last steps); the average of recent weights sits near the
+    centre of those swings. Buffers (successor ids, bucket maps) never change in training,
+    so the average keeps the copies made here.
+    """
+    if ema_epochs is None:
+        return None
+    steps = ema_epochs * batches_per_epoch(n_pairs, batch_size)
+    decay = 1.0 - 1.0 / max(1.0, steps)
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
 
 
 def save_checkpoint(path: Path, model: SASRec, extra: dict[str, Any] | None = None) -> None:

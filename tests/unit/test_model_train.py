@@ -24,6 +24,7 @@ from compression.train import (
     save_checkpoint,
     train,
     training_pairs,
+    weight_average,
 )
 
 
@@ -310,3 +311,44 @@ def test_bf16_autocast_only_where_the_cpu_has_native_bf16(
     train(cfg, TrainConfig(max_epochs=1, bf16=True), split, progress=False, log=logs.append)
     assert seen and all(e is native for e in seen)
     assert any("bf16 autocast off" in line for line in logs) is not native
+
+
+def test_weight_average_spans_the_given_epochs() -> None:
+    model = small_model(n_blocks=1)
+    # 40 pairs in batches of 8: 5 steps an epoch; 2 epochs -> decay 1 - 1/10.
+    ema = weight_average(model, 2.0, n_pairs=40, batch_size=8)
+    assert ema is not None and weight_average(model, None, 40, 8) is None
+    param = model.pos_emb.weight
+    expected = None
+    for value in (1.0, 3.0, -2.0):
+        with torch.no_grad():
+            param.fill_(value)
+        ema.update_parameters(model)
+        expected = value if expected is None else 0.9 * expected + 0.1 * value
+        assert torch.allclose(ema.module.pos_emb.weight, torch.full_like(param, expected))
+
+
+def _trained(ema_epochs: float | None) -> dict[str, torch.Tensor]:
+    data, split = tiny_split()
+    cfg = ModelConfig(n_items=data.n_items, max_len=10, hidden=8, n_blocks=1, dropout=0.0)
+    train_cfg = TrainConfig(
+        max_epochs=3, lr=1e-2, batch_size=8, patience=10, bf16=False, ema_epochs=ema_epochs
+    )
+    result = train(cfg, train_cfg, split, progress=False, log=lambda _: None)
+    assert result.best_valid == evaluate_model(result.model, split, "valid")
+    return result.model.state_dict()
+
+
+def test_training_keeps_and_returns_the_weight_average() -> None:
+    plain = _trained(None)
+    # An average over a vanishing span is the last weights: training is unchanged.
+    same = _trained(1e-9)
+    assert all(torch.equal(plain[k], same[k]) for k in plain)
+    # An average over a very long span stays at the first step's weights: it lags far
+    # behind the trained ones, closer to the initial weights.
+    torch.manual_seed(0)
+    data, _ = tiny_split()
+    init = SASRec(ModelConfig(n_items=data.n_items, max_len=10, hidden=8, n_blocks=1)).state_dict()
+    lagging = _trained(1e9)
+    key = "item_emb.weight"
+    assert torch.dist(lagging[key], init[key]) < 0.5 * torch.dist(plain[key], init[key])
