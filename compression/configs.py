@@ -77,6 +77,11 @@ class ModelConfig(_Strict):
     successor_lags: int = Field(
         3, ge=1, le=16, description="how many of the most recent items the successor lists read"
     )
+    shared_blocks: bool = Field(
+        False,
+        description="every block applies the same weights (cross-layer sharing, ALBERT): "
+        "n_blocks layers of depth for one block's parameters",
+    )
     head_dim: int | None = Field(
         None,
         ge=1,

@@ -146,7 +146,12 @@ class SASRec(nn.Module):
         self.out_proj = nn.Linear(cfg.hidden, scored, bias=False) if scored != cfg.hidden else None
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden)
         self.emb_drop = FastDropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_blocks))
+        if cfg.shared_blocks:
+            # One module listed n_blocks times: parameters() (optimizer, counts) sees it
+            # once, the state dict names it per layer, as the graph writer reads it.
+            self.blocks = nn.ModuleList([Block(cfg)] * cfg.n_blocks)
+        else:
+            self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_blocks))
         self.final_ln = nn.LayerNorm(cfg.hidden)
         self.out_emb = None if cfg.tied else nn.Embedding(cfg.n_items + 1, emb)
         self.successors = (

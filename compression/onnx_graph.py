@@ -67,14 +67,19 @@ class _Graph:
         self.state = state  # the model's weights by module path
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
-        self._names: set[str] = set()
+        self._weights: dict[str, np.ndarray] = {}
         self._consts: dict[str, np.ndarray] = {}
         self.scope = ""  # module path of the nodes being written, as in their names
 
     def weight(self, name: str, value: np.ndarray) -> str:
-        if name in self._names:
-            raise ValueError(f"initializer {name!r} written twice")
-        self._names.add(name)
+        """Write `value` once under `name`; asking again with the same value (a block whose
+        weights another layer shares) reuses it, with another value is a bug here."""
+        known = self._weights.get(name)
+        if known is not None:
+            if known.shape != np.shape(value) or not np.array_equal(known, value):
+                raise ValueError(f"initializer {name!r} written twice with different values")
+            return name
+        self._weights[name] = np.asarray(value)
         self.initializers.append(numpy_helper.from_array(np.array(value, order="C"), name))
         return name
 
@@ -258,7 +263,8 @@ def _positions(g: _Graph, scheme: str, ids: str, counts: str) -> str:
 def _block(g: _Graph, model: SASRec, b: int, x: str, bias: str, last: bool) -> str:
     """Pre-LN block `b`; in the `last` one only the last position queries (every position is
     still a key and a value) and the result is `[batch, 1, hidden]`."""
-    cfg, block, p = model.cfg, model.blocks[b], f"blocks.{b}"
+    cfg, block = model.cfg, model.blocks[b]
+    p = f"blocks.{0 if cfg.shared_blocks else b}"  # shared layers read one set of weights
     heads, head_dim = cfg.n_heads, cfg.attn_head_dim
     inner = heads * head_dim
     g.scope = f"{p}/attn"

@@ -291,6 +291,11 @@ def structured_prune(
     blocks. The input model is left unchanged.
     """
     mc = model.cfg
+    if mc.shared_blocks:
+        raise ValueError(
+            "structured pruning scores each block on its own; this model shares one block's "
+            "weights across its layers (shared_blocks): prune a model without sharing"
+        )
     n_blocks = keep_count(cfg.blocks_keep, mc.n_blocks, "blocks_keep")
     n_heads = keep_count(cfg.heads_keep, mc.n_heads, "heads_keep")
     n_ffn = keep_count(cfg.ffn_keep, mc.ffn_width, "ffn_keep", minimum=min(4, mc.ffn_width))

@@ -34,6 +34,7 @@ def histories(n: int = 40) -> list[np.ndarray]:
         {"positions": "from_end"},
         {"tied": False},
         {"n_blocks": 1},
+        {"n_blocks": 3, "shared_blocks": True},  # one block's weights, three layers
         {"head_dim": 4},  # heads pruned: attention narrower than hidden
         {"emb_cutoffs": (20,), "emb_dims": (8, 4)},  # written by PyTorch's exporter
         {"emb_dim": 4, "item_tower": 12, "tied": False},
@@ -130,3 +131,14 @@ def test_item_tower_is_stored_as_the_matrix_it_computes(tmp_path: Path) -> None:
     assert stored["item_emb.weight"].shape == (61, 4)  # the input side reads the narrow table
     (scoring,) = [n for n in graph.node if "scored_items" in n.input]
     assert scoring.op_type == "Gemm" and scoring.output[0] == "scores"
+
+
+def test_shared_blocks_store_their_weights_once(tmp_path: Path) -> None:
+    def stored_values(n_blocks: int) -> int:
+        cfg = ModelConfig(n_items=40, max_len=8, hidden=8, n_blocks=n_blocks, shared_blocks=True)
+        export_onnx(SASRec(cfg), tmp_path / f"{n_blocks}.onnx")
+        graph = onnx.load(tmp_path / f"{n_blocks}.onnx").graph
+        return sum(int(np.prod(t.dims)) for t in graph.initializer)
+
+    # A third layer of the same block adds depth and no stored weights.
+    assert stored_values(3) == stored_values(2)

@@ -202,7 +202,13 @@ def test_lr_decays_on_plateau_from_the_best_weights(monkeypatch: pytest.MonkeyPa
 
 @pytest.mark.parametrize(
     "kw",
-    [{}, {"emb_dim": 6, "tied": False}, {"positions": "from_end"}, {"emb_dim": 4, "item_tower": 8}],
+    [
+        {},
+        {"emb_dim": 6, "tied": False},
+        {"positions": "from_end"},
+        {"emb_dim": 4, "item_tower": 8},
+        {"shared_blocks": True},
+    ],
 )
 def test_inference_path_equals_full_encoding(kw: dict) -> None:
     model = small_model(n_blocks=3, **kw)
@@ -352,3 +358,28 @@ def test_training_keeps_and_returns_the_weight_average() -> None:
     lagging = _trained(1e9)
     key = "item_emb.weight"
     assert torch.dist(lagging[key], init[key]) < 0.5 * torch.dist(plain[key], init[key])
+
+
+def test_shared_blocks_count_once_and_stay_shared_through_training_and_checkpoints(
+    tmp_path: Path,
+) -> None:
+    data, split = tiny_split()
+    cfg = ModelConfig(n_items=data.n_items, max_len=10, hidden=8, n_blocks=3, shared_blocks=True)
+    single = SASRec(cfg.model_copy(update={"n_blocks": 1, "shared_blocks": False}))
+    assert SASRec(cfg).num_parameters() == single.num_parameters()
+    trained = train(
+        cfg,
+        TrainConfig(max_epochs=2, lr=1e-2, batch_size=8),
+        split,
+        progress=False,
+        log=lambda _: None,
+    ).model
+    state = trained.state_dict()
+    assert not torch.equal(state["blocks.0.ffn.0.weight"], SASRec(cfg).blocks[0].ffn[0].weight)
+    assert torch.equal(state["blocks.0.ffn.0.weight"], state["blocks.2.ffn.0.weight"])
+    save_checkpoint(tmp_path / "m.pt", trained)
+    loaded = load_checkpoint(tmp_path / "m.pt")
+    assert loaded.blocks[0] is loaded.blocks[2]
+    seq = torch.tensor([[0, 3, 9, 2, 7]])
+    with torch.no_grad():
+        assert torch.equal(loaded(seq), trained(seq))

@@ -121,6 +121,12 @@ def test_pruned_model_equals_original_with_removed_units_switched_off(method: st
             assert r.score <= sorted(kept)[-3]
 
 
+def test_shared_blocks_are_refused_with_the_reason() -> None:
+    shared = tiny(n_blocks=2, shared_blocks=True)
+    with pytest.raises(ValueError, match="shared_blocks"):
+        structured_prune(shared, PruneConfig(ffn_keep=0.5))
+
+
 def test_keep_everything_is_identity_and_input_untouched() -> None:
     model = tiny()
     before = copy.deepcopy(model.state_dict())
