@@ -44,8 +44,10 @@ def main() -> None:
                         if distill.get("augment_copies")
                         else ""
                     )
-                ),
+                )
+                + _averaged(m.recipe),
                 "max_len": m.architecture["max_len"],
+                "transformer": _transformer(m.architecture),
                 "items": _item_vectors(m.architecture),
                 "dropout": m.architecture["dropout"],
                 "params": int(m.metrics["params"]),
@@ -64,19 +66,32 @@ def main() -> None:
     lines = [
         f"Teacher {ref} ({teacher.dataset.name}); test set, full ranking, history masked.",
         "",
-        "| model | training | max len | item vectors | dropout | params (ratio) | NDCG@10 | HR@10 "
-        "| retention | epochs | wall |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | training | max len | item vectors | transformer | dropout | params (ratio) "
+        "| NDCG@10 | HR@10 | retention | epochs | wall |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['training']} | {r['max_len']} | {r['items']} | {r['dropout']} "
+            f"| {r['model']} | {r['training']} | {r['max_len']} | {r['items']} "
+            f"| {r['transformer']} | {r['dropout']} "
             f"| {r['params']:,} "
             f"({r['params_ratio']:.3f}) | {r['test_ndcg@10']:.4f} | {r['test_hr@10']:.4f} "
             f"| {r['ndcg_retention']:.1%} | {r['epochs']} | {r['train_wall_s'] / 60:.1f} min |"
         )
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _averaged(recipe: dict) -> str:
+    span = recipe.get("train", {}).get("ema_epochs")
+    return f", weights averaged over {span:g} epochs" if span else ""
+
+
+def _transformer(arch: dict) -> str:
+    """'hidden 40, 2 blocks (shared), FFN 64'."""
+    shared = " (shared)" if arch.get("shared_blocks") else ""
+    ffn = arch.get("ffn") or arch["hidden"]
+    return f"hidden {arch['hidden']}, {arch['n_blocks']} blocks{shared}, FFN {ffn}"
 
 
 def _item_vectors(arch: dict) -> str:
