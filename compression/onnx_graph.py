@@ -68,32 +68,27 @@ class _Graph:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._weights: dict[str, np.ndarray] = {}
-        self._consts: dict[str, np.ndarray] = {}
         self.scope = ""  # module path of the nodes being written, as in their names
 
     def weight(self, name: str, value: np.ndarray) -> str:
         """Write `value` once under `name`; asking again with the same value (a block whose
         weights another layer shares) reuses it, with another value is a bug here."""
+        array = np.asarray(value)
         known = self._weights.get(name)
         if known is not None:
-            if known.shape != np.shape(value) or not np.array_equal(known, value):
-                raise ValueError(f"initializer {name!r} written twice with different values")
+            if known.dtype != array.dtype or not np.array_equal(known, array):
+                raise ValueError(
+                    f"initializer {name!r} asked for as {array!r}, written as {known!r}"
+                )
             return name
-        self._weights[name] = np.asarray(value)
+        self._weights[name] = array
         self.initializers.append(numpy_helper.from_array(np.array(value, order="C"), name))
         return name
 
     def const(self, name: str, value: object, dtype: type = np.int64) -> str:
         """A small constant, written once under `name` and shared by every reader (asking for
         the same name with another value is a bug in this writer, not silently shared)."""
-        array = np.array(value, dtype=dtype)
-        known = self._consts.get(name)
-        if known is None:
-            self._consts[name] = array
-            self.weight(name, array)
-        elif known.dtype != array.dtype or not np.array_equal(known, array):
-            raise ValueError(f"constant {name!r} asked for as {array!r}, written as {known!r}")
-        return name
+        return self.weight(name, np.array(value, dtype=dtype))
 
     def op(self, op_type: str, inputs: list[str], outputs: int = 1, **attrs: object) -> list[str]:
         i = len(self.nodes)

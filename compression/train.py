@@ -318,7 +318,8 @@ def train(
             lr_decays += 1
             bad_evals = 0
             model.load_state_dict(best_state)
-            scored.load_state_dict(best_state)
+            if ema is not None:
+                ema.module.load_state_dict(best_state)
             for group in optimizer.param_groups:
                 group["lr"] *= train_cfg.lr_decay_factor
             log(
