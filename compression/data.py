@@ -17,7 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
+from model_store.item_ids import ItemIdError, check_item_ids
 from model_store.store import sha256_file
+
+# How to fix a catalogue whose ids collide (model_store.item_ids): said by every refusal here.
+COLLISION_FIX = (
+    "give each item one spelling in the data (rename one id or merge their events) and train again"
+)
 
 
 class DataError(ValueError):
@@ -76,11 +82,17 @@ class SequenceDataset:
 def write_item_mapping(
     path: Path, item_ids: Sequence[str], counts: Sequence[int] | np.ndarray | None = None
 ) -> None:
+    """Ids are written as strings, exactly as spelled; a catalogue with a bad id or two ids
+    that collide (`model_store.item_ids`) raises `DataError` and writes nothing."""
+    try:
+        ids = check_item_ids(item_ids, "item mapping", COLLISION_FIX)
+    except ItemIdError as exc:
+        raise DataError(str(exc)) from None
     payload: dict[str, object] = {
         "format": "recsys-item-mapping/1",
         "doc": "item_ids[i] is the original id of internal item id i + 1; internal id 0 is padding",
-        "n_items": len(item_ids),
-        "item_ids": list(item_ids),
+        "n_items": len(ids),
+        "item_ids": ids,
     }
     if counts is not None:
         if len(counts) != len(item_ids):
@@ -97,16 +109,33 @@ def read_item_mapping(path: Path) -> list[str]:
             raise ValueError("wrong format tag or count")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{path}: not a valid item mapping ({exc})") from exc
-    return [str(i) for i in ids]
+    try:
+        return check_item_ids(ids, str(path), "fix the mapping or publish the model again")
+    except ItemIdError as exc:
+        raise DataError(str(exc)) from None
 
 
 def remap_items(
-    name: str, users: list[str], raw_sequences: list[list[str]], sha256: str, numeric: bool
+    name: str,
+    users: list[str],
+    raw_sequences: list[list[str]],
+    sha256: str,
+    numeric: bool,
+    where: str | None = None,
 ) -> SequenceDataset:
-    """Map original item ids to 1..n in sorted order (numeric ids sort as numbers)."""
+    """Map original item ids to 1..n in sorted order (numeric ids sort as numbers).
+
+    Ids stay the strings they are. Two that collide (`model_store.item_ids`: "007" and "7")
+    raise `DataError` here (naming `where`, by default `name`), before any training, as they
+    would when the model is published.
+    """
     vocab = {item for seq in raw_sequences for item in seq}
-    # (int, str): "007" and "7" are distinct ids with one numeric value; keep a fixed order.
+    # (int, str): a fixed order even for ids with one numeric value ("007" and "7").
     ordered = sorted(vocab, key=lambda i: (int(i), i)) if numeric else sorted(vocab)
+    try:
+        check_item_ids(ordered, where or name, COLLISION_FIX)
+    except ItemIdError as exc:
+        raise DataError(str(exc)) from None
     index = {item: i + 1 for i, item in enumerate(ordered)}
     sequences = [
         np.fromiter((index[i] for i in seq), dtype=np.int64, count=len(seq))
@@ -134,7 +163,7 @@ def load_sequence_file(path: Path, name: str | None = None) -> SequenceDataset:
                         f"{path}:{lineno}: user {fields[0]!r} has no items; "
                         "expected 'user item item ...'"
                     )
-                bad = next((f for f in fields if not f.isdigit()), None)
+                bad = next((f for f in fields if not (f.isascii() and f.isdigit())), None)
                 if bad is not None:
                     raise DataError(
                         f"{path}:{lineno}: {bad!r} is not a non-negative integer id; "
@@ -147,12 +176,14 @@ def load_sequence_file(path: Path, name: str | None = None) -> SequenceDataset:
                     )
                 seen.add(fields[0])
                 users.append(fields[0])
-                raw.append([str(int(f)) for f in fields[1:]])
+                raw.append(fields[1:])  # as spelled: "007" stays "007"
         except UnicodeDecodeError as exc:
             raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     if not raw:
         raise DataError(f"{path}: no sequences found; the file is empty")
-    return remap_items(name or path.stem, users, raw, sha256_file(path), numeric=True)
+    return remap_items(
+        name or path.stem, users, raw, sha256_file(path), numeric=True, where=str(path)
+    )
 
 
 @dataclass(frozen=True)

@@ -59,9 +59,11 @@ def load_event_file(
       `user_col`, `item_col` and `time_col` name the columns; other columns are ignored.
 
     MovieLens ids must be non-negative integers (kept as their decimal strings, so "007"
-    becomes "7") and timestamps numbers. In generic files ids are any non-empty strings
-    (surrounding whitespace is stripped) and timestamps are numbers or ISO 8601 datetimes
-    (one kind per file; datetimes without an offset are taken as UTC).
+    becomes "7") and timestamps numbers. In generic files ids are any non-empty strings,
+    read as text and kept as spelled ("007" stays "007", "B00ABC12" stays itself; only
+    surrounding whitespace is stripped), and timestamps are numbers or ISO 8601 datetimes
+    (one kind per file; datetimes without an offset are taken as UTC). Item ids that collide
+    under `model_store.item_ids` ("007" and "7" in one file) raise `DataError`.
 
     Each user's events are sorted by timestamp with a stable sort, so ties keep file order.
     Users appear in the order of their first event in the file; `user_ids` and `item_ids`
@@ -651,7 +653,9 @@ def _assemble(
     users = [events.user_names[u] for u in users_sorted[starts].tolist()]
     used = np.unique(icodes[idx]).tolist()
     numeric = all(events.item_names[c].isascii() and events.item_names[c].isdigit() for c in used)
-    return remap_items(name, users, raw_sequences, sha256_file(path), numeric=numeric)
+    return remap_items(
+        name, users, raw_sequences, sha256_file(path), numeric=numeric, where=str(path)
+    )
 
 
 def _emptied(path: Path, option: str, value: int, rounds: int) -> NoReturn:

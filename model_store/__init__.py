@@ -3,6 +3,7 @@
 Pure stdlib + pydantic: the serving app imports this without PyTorch or numpy.
 """
 
+from model_store.item_ids import MAX_ITEM_ID_LENGTH, ItemIdError, check_item_ids
 from model_store.manifest import (
     SCHEMA_VERSION,
     ArtifactInfo,
@@ -16,15 +17,18 @@ from model_store.manifest import (
 from model_store.store import ModelStore, StoreError, sha256_file
 
 __all__ = [
+    "MAX_ITEM_ID_LENGTH",
     "SCHEMA_VERSION",
     "ArtifactInfo",
     "DatasetInfo",
+    "ItemIdError",
     "Manifest",
     "ManifestError",
     "ModelStore",
     "Signature",
     "StoreError",
     "TensorSpec",
+    "check_item_ids",
     "load_manifest",
     "sha256_file",
 ]

@@ -37,7 +37,7 @@ function response(status, headers, resp)
   local version = resp:match('"model_version":"([^"]+)"') or "none"
   versions[version] = (versions[version] or 0) + 1
   local ids = {}
-  for id in resp:gmatch('"item_id":(%d+)') do
+  for id in resp:gmatch('"item_id":"([^"]*)"') do  -- ids are JSON strings
     ids[#ids + 1] = id
   end
   if expected[version] == table.concat(ids, ",") then

@@ -250,9 +250,13 @@ def test_ids_are_remapped_and_mapping_round_trips(tmp_path: Path) -> None:
 
 
 def test_generic_ids_stay_strings(tmp_path: Path) -> None:
-    path = write(tmp_path, "e.csv", "u,i,t\nu1,007,1\nu1,7,2\n")
+    path = write(tmp_path, "e.csv", "u,i,t\nu1,007,1\nu1,B00ABC12,2\nu1,8,3\n")
     data = load_event_file(path, user_col="u", item_col="i", time_col="t")
-    assert data.item_ids == ["007", "7"]  # distinct strings in a generic log
+    assert data.item_ids == ["007", "8", "B00ABC12"]  # as spelled in a generic log
+    # "007" and "7" in one log collide (model_store.item_ids): refused before any training
+    path = write(tmp_path, "e.csv", "u,i,t\nu1,007,1\nu1,7,2\n")
+    with pytest.raises(DataError, match=r"e\.csv: item ids '007' and '7' collide"):
+        load_event_file(path, user_col="u", item_col="i", time_col="t")
 
 
 # ----------------------------------------------------------------------------- errors

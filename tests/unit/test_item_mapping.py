@@ -1,4 +1,7 @@
-"""History mapping: original ids -> internal ids, order kept, unknown ids dropped and counted."""
+"""History mapping: original ids -> internal ids, order kept, unknown ids dropped and counted.
+
+Ids are strings; a request's int stands for its decimal string (tests/unit/test_item_ids.py
+has the rest of that contract)."""
 
 from __future__ import annotations
 
@@ -37,14 +40,19 @@ def test_numeric_catalogue_maps_in_order_and_counts_unknown(
     assert known.dtype == np.int64
     assert known.tolist() == [3, 2, 2, 1, 5]
     assert unknown == 3
+    assert model.item_ids == [str(i) for i in catalogue]  # strings, whatever the JSON held
+    # the same history as strings maps the same; "007" is not "7"
+    known, unknown = model.map_history([str(i) for i in history] + ["007"])
+    assert known.tolist() == [3, 2, 2, 1, 5] and unknown == 4
     assert model.map_history([])[1] == 0 and len(model.map_history([])[0]) == 0
     assert model.map_history([1, 2])[0].tolist() == []
 
 
-def test_non_numeric_catalogue_matches_nothing_but_is_served(tmp_path: Path) -> None:
-    model = mapping(tmp_path, ["a", "b", "3"])
-    known, unknown = model.map_history([3, 4])
-    assert known.tolist() == [3] and unknown == 1
+def test_non_numeric_catalogue_maps_strings_and_ints(tmp_path: Path) -> None:
+    model = mapping(tmp_path, ["a", "b", "3", "B"])
+    assert model._dense is None
+    known, unknown = model.map_history([3, 4, "b", "B", "A", "3", "03"])
+    assert known.tolist() == [3, 2, 4, 3] and unknown == 3
 
 
 def test_dense_table_and_dict_agree(tmp_path: Path) -> None:
