@@ -5,23 +5,32 @@
   session really got are read back and reported.
 - `TensorRTEngine`: a native TensorRT plan, only where its TensorRT version and GPU compute
   capability match the ones it was built with (an engine runs only where it was built).
-- `TorchEngine`: a `torch.export` program (`model.pt2`, `compression.export.export_program`)
-  on a CUDA GPU without TensorRT (CPU when forced there and no GPU exists). Optional:
-  PyTorch is imported only here, never by the CPU service.
+- `TorchEngine`: the PyTorch module rebuilt from the manifest's architecture by a factory
+  the composition root injects (`app` never imports `compression`), with its weights read
+  from `model.safetensors` (tensors and a JSON header: nothing is ever unpickled), on a CUDA
+  GPU without TensorRT (CPU when forced there and no GPU exists). Optional: PyTorch is
+  imported only here, never by the CPU service.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from model_store.store import CHECKPOINT_FILE, LEGACY_CHECKPOINTS
+
 log = logging.getLogger(__name__)
 
 INPUT_NAME = "item_ids"
 OUTPUT_NAME = "scores"
+
+# Builds the torch engine's module (a `torch.nn.Module`, weights not loaded) from a manifest's
+# architecture; `recsys serve` passes one that imports `compression` only when called.
+TorchModuleFactory = Callable[[dict[str, Any]], Any]
 
 
 class EngineError(RuntimeError):
@@ -128,22 +137,39 @@ class TensorRTEngine:
 
 
 class TorchEngine:
-    """A `torch.export` program: for GPUs without TensorRT (and CPU checks in tests)."""
+    """A PyTorch module for GPUs without TensorRT (and CPU checks in tests): built by
+    `factory` from the manifest's architecture, weights from a safetensors file."""
 
-    def __init__(self, path: Path, length: int, device: str | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        architecture: dict[str, Any],
+        factory: TorchModuleFactory,
+        length: int,
+        device: str | None = None,
+    ) -> None:
         try:
             import torch
+            from safetensors.torch import load_file
         except ImportError as exc:
-            raise EngineError(f"{path}: the torch engine needs PyTorch ({exc})") from exc
+            raise EngineError(
+                f"{path}: the torch engine needs torch and safetensors ({exc})"
+            ) from exc
         self._torch = torch
-        self.length = length  # the program's fixed window; shorter inputs are left-padded
+        self.length = length  # the model's window; shorter inputs are left-padded
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
-            program = torch.export.load(str(path))
-        except Exception as exc:
-            raise EngineError(f"{path}: not a loadable torch.export program ({exc})") from exc
+            module = factory(dict(architecture))
+        except Exception as exc:  # an ImportError, or an architecture the factory refuses
+            raise EngineError(f"{path}: cannot build the module from the manifest ({exc})") from exc
+        try:
+            state = load_file(str(path), device="cpu")  # raw tensors and a JSON header only
+            _tie_shared(module, state)
+            module.load_state_dict(state, strict=True)
+        except Exception as exc:  # not safetensors, or tensors that do not fit the module
+            raise EngineError(f"{path}: not usable weights for this architecture ({exc})") from exc
         self.device = torch.device(device)
-        self.module: Any = program.module().to(self.device)
+        self.module: Any = module.eval().to(self.device)
         self.name = f"torch-{self.device.type}"
 
     def run(self, item_ids: np.ndarray) -> np.ndarray:
@@ -155,17 +181,37 @@ class TorchEngine:
             return self.module(ids).float().cpu().numpy()
 
 
+def _tie_shared(module: Any, state: dict[str, Any]) -> None:
+    """Add to `state` the names under which `module` lists a tensor it also lists under an
+    earlier name (one block shared by every layer): a checkpoint stores each tensor once."""
+    first: dict[tuple[Any, ...], str] = {}
+    for name, t in module.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        owner = first.setdefault(key, name)
+        if owner != name and name not in state and owner in state:
+            state[name] = state[owner]
+
+
 def build_engine(
-    folder: Path, artifacts: dict[str, dict[str, Any]], kind: str, threads: int, max_len: int
+    folder: Path,
+    artifacts: dict[str, dict[str, Any]],
+    kind: str,
+    threads: int,
+    max_len: int,
+    *,
+    architecture: dict[str, Any] | None = None,
+    torch_factory: TorchModuleFactory | None = None,
 ) -> Engine:
     """The best engine for this machine from a stored version's artifacts.
 
     `kind` is the setting: "auto" prefers a matching TensorRT plan, then ONNX Runtime with
-    the best provider, then a torch program on CUDA; the others force one engine.
+    the best provider, then the PyTorch checkpoint on CUDA; the others force one engine. The
+    torch engine needs `architecture` (the manifest's) and `torch_factory`.
     """
     onnx = folder / "model.onnx" if "model.onnx" in artifacts else None
     plan = folder / "model.plan" if "model.plan" in artifacts else None
-    program = folder / "model.pt2" if "model.pt2" in artifacts else None
+    checkpoint = folder / CHECKPOINT_FILE if CHECKPOINT_FILE in artifacts else None
+    legacy = [name for name in LEGACY_CHECKPOINTS if name in artifacts]
     if kind in ("auto", "tensorrt") and plan is not None:
         here, info = local_gpu(), artifacts["model.plan"]
         built = (info.get("tensorrt_version"), info.get("compute_capability"))
@@ -177,10 +223,20 @@ def build_engine(
         log.warning("%s: not using the TensorRT engine (%s); falling back to ONNX", plan, why)
     elif kind == "tensorrt":
         raise EngineError(f"{folder}: has no TensorRT engine (model.plan)")
-    if kind == "torch" or (kind == "auto" and onnx is None and program is not None):
-        if program is None:
-            raise EngineError(f"{folder}: has no torch.export program (model.pt2)")
-        return TorchEngine(program, max_len)
+    if kind == "torch" or (kind == "auto" and onnx is None and (checkpoint or legacy)):
+        if checkpoint is None and legacy:
+            raise EngineError(
+                f"{folder}: holds only {legacy[0]}, a pickle-based format this version never "
+                f"loads (pickle can run code); re-publish it with {CHECKPOINT_FILE}"
+            )
+        if checkpoint is None:
+            raise EngineError(f"{folder}: has no PyTorch checkpoint ({CHECKPOINT_FILE})")
+        if torch_factory is None or architecture is None:
+            raise EngineError(
+                f"{folder}: the torch engine needs a module factory and the manifest's "
+                "architecture (`recsys serve` passes one; create_app(settings, torch_factory=...))"
+            )
+        return TorchEngine(checkpoint, architecture, torch_factory, max_len)
     if onnx is None:
         raise EngineError(f"{folder}: has no ONNX model (model.onnx) to serve")
     return OrtEngine(onnx, threads=threads, providers=gpu_ort_providers())

@@ -32,7 +32,7 @@ from compression.pipeline import load_model_data
 from compression.quantize import quantize_dynamic_int8
 from compression.report import _session, measure_latency
 from compression.train import load_checkpoint
-from model_store.store import ModelStore
+from model_store.store import CHECKPOINT_FILE, ModelStore
 
 WRITERS = ("torch", "graph")
 REPEATS = {1: 200, 64: 50}
@@ -79,7 +79,7 @@ def _variants(ref: str, model: Any, work: Path, context: int, histories: list) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("models", nargs="+", help="NAME@VERSION of stored models with model.pt")
+    parser.add_argument("models", nargs="+", help="NAME@VERSION of stored models with a checkpoint")
     parser.add_argument("--store", default=os.environ.get("RECSYS_STORE", "model_store/models"))
     parser.add_argument("--context", type=int, default=50)
     parser.add_argument("--out", default="benchmarks/results")
@@ -94,7 +94,7 @@ def main() -> None:
             histories = split.eval_inputs("test")[0]
             work = Path(tmp) / ref.replace("@", "_")
             work.mkdir()
-            model = load_checkpoint(folder / "model.pt")
+            model = load_checkpoint(folder / CHECKPOINT_FILE)
             found = _variants(ref, model, work, args.context, histories)
             for row in found:
                 scorer = onnx_scorer(row["path"], 1)

@@ -27,7 +27,7 @@ from compression.embedding import popularity_order
 from compression.evaluate import evaluate_model
 from compression.train import load_checkpoint
 from compression.variants import load_model_data
-from model_store.store import ModelStore
+from model_store.store import CHECKPOINT_FILE, ModelStore
 
 # (items, rank) per bucket, most popular first; the last bucket takes the rest.
 LAYOUTS: dict[str, list[tuple[int, int]]] = {
@@ -67,7 +67,7 @@ def main() -> None:
     store = ModelStore(Path(args.store))
     manifest, folder = store.load(args.teacher)
     split = leave_one_out(load_model_data(manifest))
-    teacher = load_checkpoint(folder / "model.pt")
+    teacher = load_checkpoint(folder / CHECKPOINT_FILE)
     counts = split.item_counts()
     order = popularity_order(counts)
     weight = teacher.output_weight.detach()

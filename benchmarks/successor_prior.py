@@ -28,7 +28,7 @@ from compression.model import SASRec
 from compression.pipeline import load_model_data
 from compression.successors import top_successors
 from compression.train import load_checkpoint
-from model_store.store import ModelStore
+from model_store.store import CHECKPOINT_FILE, ModelStore
 
 LAGS = (1.0, 0.5, 0.25)
 LAMBDAS = (0.1, 0.2, 0.4)
@@ -69,7 +69,7 @@ def markov(counts: sp.csr_matrix, lags: tuple[float, ...]) -> Scorer:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("models", nargs="+", help="NAME@VERSION of stored models with model.pt")
+    ap.add_argument("models", nargs="+", help="NAME@VERSION of stored models with a checkpoint")
     ap.add_argument("--store", default="model_store/models")
     ap.add_argument("--top-k", type=int, nargs="*", default=[2, 4])
     ap.add_argument("--out", default="benchmarks/results")
@@ -96,7 +96,7 @@ def main() -> None:
     tables = {"full": counts, **{f"top-{k}": keep_top(counts, split, k) for k in args.top_k}}
     for ref in args.models:
         _, folder = store.load(ref)
-        model = load_checkpoint(folder / "model.pt")
+        model = load_checkpoint(folder / CHECKPOINT_FILE)
         cache: dict[bytes, np.ndarray] = {}
 
         def base(batch: np.ndarray, model: SASRec = model, cache: dict = cache) -> np.ndarray:

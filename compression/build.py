@@ -13,6 +13,20 @@ Recipe (TOML):
     [[quantize]]           # source (a model name of this build), name, item_matrix, config
     [[prune]]              # source, name, config = {heads_keep, ffn_keep, ...}, train, distill
     [compare]              # batch_sizes, threads: the report over the whole family
+
+A teacher or student section may instead name a standalone recipe, resolved relative to
+the build recipe's folder, so that the build makes exactly the model that recipe makes
+(never a copy that drifts from it):
+
+    [teacher]
+    recipe = "ml1m-teacher.toml"       # its name, model and train; its data must equal [data]
+    [[students]]
+    recipe = "ml1m-student.toml"       # name, model, train, distill, init; its teacher must be
+                                       # this build's teacher (any version)
+    [[students]]                       # the labels-only control, as `recsys distill
+    recipe = "ml1m-student.toml"       # --labels-only --name ...`: the only two keys
+    labels_only = true                 # allowed next to `recipe`
+    name = "ml1m-student-labels"
 """
 
 from __future__ import annotations
@@ -33,10 +47,11 @@ from compression.configs import (
     StudentRecipe,
     TeacherRecipe,
     TrainConfig,
+    load_recipe,
     validation_message,
 )
 from model_store.manifest import Manifest
-from model_store.store import ModelStore
+from model_store.store import CHECKPOINT_FILE, ModelStore
 
 
 class _Strict(BaseModel):
@@ -107,6 +122,7 @@ def load_build_recipe(path: str | Path) -> BuildRecipe:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(f"{file}: not a readable TOML recipe ({exc})") from None
     try:
+        raw, teacher_ref, student_refs = _resolve_references(raw, file)
         recipe = BuildRecipe(**raw)
         for step in recipe.quantize:
             _quantize_config(step)
@@ -114,7 +130,90 @@ def load_build_recipe(path: str | Path) -> BuildRecipe:
             _prune_config(step)
     except ValidationError as exc:
         raise ValueError(f"{file}: {validation_message(exc)}") from None
+    except ValueError as exc:
+        raise ValueError(f"{file}: {exc}") from None
+    if teacher_ref is not None and teacher_ref.data != recipe.data:
+        theirs, ours = (
+            d.model_dump(exclude_defaults=True) for d in (teacher_ref.data, recipe.data)
+        )
+        raise ValueError(
+            f"{file}: teacher.recipe reads data {theirs}, this build's [data] is {ours}; make "
+            "them equal"
+        )
+    teacher_name = recipe.teacher.name or f"{recipe.family}-teacher"
+    for where, ref in student_refs:
+        if ref.teacher.split("@")[0] != teacher_name:
+            raise ValueError(
+                f"{file}: {where}.recipe distils teacher {ref.teacher!r}, this build's teacher "
+                f"is {teacher_name!r}"
+            )
     return recipe
+
+
+# Keys a student section may set next to `recipe`: what `recsys distill` may override too.
+_STUDENT_OVERRIDES = {"name", "labels_only"}
+
+
+def _resolve_references(
+    raw: dict[str, Any], file: Path
+) -> tuple[dict[str, Any], TeacherRecipe | None, list[tuple[str, StudentRecipe]]]:
+    """`raw` with each `recipe = "<file>"` teacher or student section replaced by that
+    recipe's settings (module docstring); also the recipes read, for the checks that need
+    the validated build. Problems are ValueErrors naming the section."""
+    raw = dict(raw)
+    teacher_ref = None
+    teacher = raw.get("teacher")
+    if isinstance(teacher, dict) and "recipe" in teacher:
+        extra = sorted(set(teacher) - {"recipe"})
+        if extra:
+            raise ValueError(
+                f"teacher: recipe = {teacher['recipe']!r} sets the whole teacher; remove "
+                f"{', '.join(extra)} or drop `recipe` and write the section out"
+            )
+        teacher_ref = _referenced(file, "teacher", teacher["recipe"], TeacherRecipe)
+        raw["teacher"] = {
+            "name": teacher_ref.name,
+            "model": teacher_ref.model,
+            "train": teacher_ref.train,
+        }
+    student_refs: list[tuple[str, StudentRecipe]] = []
+    students = raw.get("students")
+    if isinstance(students, list):
+        raw["students"] = list(students)
+        for i, entry in enumerate(students):
+            if not (isinstance(entry, dict) and "recipe" in entry):
+                continue
+            where = f"students.{i}"
+            extra = sorted(set(entry) - {"recipe"} - _STUDENT_OVERRIDES)
+            if extra:
+                raise ValueError(
+                    f"{where}: recipe = {entry['recipe']!r} sets the whole student (only "
+                    f"name and labels_only may be added); remove {', '.join(extra)} or drop "
+                    "`recipe` and write the section out"
+                )
+            if not isinstance(entry.get("labels_only", False), bool):
+                raise ValueError(f"{where}.labels_only: expected true or false")
+            ref = _referenced(file, where, entry["recipe"], StudentRecipe)
+            student_refs.append((where, ref))
+            raw["students"][i] = {
+                "name": entry.get("name", ref.name),
+                "model": ref.model,
+                "train": ref.train,
+                "distill": None if entry.get("labels_only") else ref.distill,
+                "init": ref.init,
+            }
+    return raw, teacher_ref, student_refs
+
+
+def _referenced(file: Path, where: str, ref: object, kind: type[Any]) -> Any:
+    """The standalone recipe `ref` names, relative to the build recipe's folder."""
+    if not isinstance(ref, str) or not ref:
+        raise ValueError(f"{where}.recipe: expected a path to a recipe file, got {ref!r}")
+    target = file.parent / ref
+    try:
+        return load_recipe(str(target), kind)
+    except ValueError as exc:
+        raise ValueError(f"{where}.recipe: {exc}") from None
 
 
 def _quantize_config(step: QuantizeStep) -> Any:
@@ -183,7 +282,7 @@ def _with_onnx(store: ModelStore, m: Manifest, log: Callable[[str], None]) -> Ma
     from compression.variants import export_stored
 
     if "model.onnx" in m.artifacts and (
-        "model.pt" not in m.artifacts or _graph_is_current(store, m)
+        CHECKPOINT_FILE not in m.artifacts or _graph_is_current(store, m)
     ):
         return m
 

@@ -115,17 +115,3 @@ def check_parity(
             f"{report.top10_agreement:.4f} < {min_top10_agreement})"
         )
     return report
-
-
-def export_program(model: SASRec, path: Path) -> None:
-    """Write `model` as a `torch.export` program (`model.pt2`) for the service's PyTorch
-    engine on GPUs without TensorRT. The batch axis is dynamic; the length is the model's
-    window (`max_len`): the engine left-pads shorter inputs, which never changes a score
-    because positions count from the start of the window."""
-    model = model.eval()
-    example = torch.randint(1, model.cfg.n_items + 1, (2, model.cfg.max_len))
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
-    tmp = path.with_name(path.name + ".tmp")
-    torch.export.save(program, str(tmp))
-    tmp.replace(path)

@@ -14,7 +14,7 @@ from compression.configs import DataSpec, ModelConfig, StudentRecipe, TeacherRec
 from compression.data import SequenceDataset, Split, leave_one_out, load_dataset
 from compression.evaluate import evaluate_model, evaluate_popularity
 from model_store.manifest import DatasetInfo, Manifest
-from model_store.store import ModelStore
+from model_store.store import CHECKPOINT_FILE, ModelStore
 
 if TYPE_CHECKING:
     from compression.model import SASRec
@@ -123,7 +123,7 @@ def evaluate_and_publish(
     if metrics.get("teacher_test_ndcg@10"):
         metrics["ndcg_retention"] = test["ndcg@10"] / metrics["teacher_test_ndcg@10"]
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt, items = Path(tmp) / "model.pt", Path(tmp) / "items.json"
+        ckpt, items = Path(tmp) / CHECKPOINT_FILE, Path(tmp) / "items.json"
         onnx_path = Path(tmp) / "model.onnx"
         save_checkpoint(ckpt, result.model, extra={"dataset_sha256": data.sha256})
         data.save_item_mapping(items, split.item_counts())
@@ -133,7 +133,7 @@ def evaluate_and_publish(
         metrics.update(check_parity(result.model, onnx_path, parity_histories).as_metrics())
         manifest = store.publish(
             name,
-            {"model.pt": ckpt, "model.onnx": onnx_path, "items.json": items},
+            {CHECKPOINT_FILE: ckpt, "model.onnx": onnx_path, "items.json": items},
             kind=kind,
             parent=parent,
             architecture=result.model.cfg.model_dump(),
@@ -242,15 +242,14 @@ def distill_student(
     distillation has to beat at equal architecture and budget.
     """
     from compression.distill import DistillLoss
-    from compression.train import load_checkpoint, train
+    from compression.train import load_checkpoint, stored_checkpoint, train
 
     teacher_manifest, folder = store.load(recipe.teacher)
     parent = f"{teacher_manifest.name}@{teacher_manifest.version}"
-    if "model.pt" not in teacher_manifest.artifacts:
-        raise ValueError(f"{parent}: has no PyTorch checkpoint (model.pt) to distil from")
+    checkpoint = stored_checkpoint(teacher_manifest, folder, "distil from")
     data = load_model_data(teacher_manifest)
     split = leave_one_out(data)
-    teacher = load_checkpoint(folder / "model.pt")
+    teacher = load_checkpoint(checkpoint)
     student_cfg = recipe.model_config_for(data.n_items)
     loss_fn, on_eval = None, None
     if recipe.distill is not None:

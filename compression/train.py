@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,8 +31,10 @@ from compression.embedding import MixedDimEmbedding
 from compression.evaluate import evaluate_model
 from compression.model import SASRec
 from compression.successors import add_entries
+from model_store.store import CHECKPOINT_FILE, LEGACY_CHECKPOINTS
 
-CHECKPOINT_FORMAT = "recsys-sasrec/1"
+# safetensors with the config in its header; "recsys-sasrec/1" was a pickled dict (torch.save).
+CHECKPOINT_FORMAT = "recsys-sasrec/2"
 
 
 def tune_allocator() -> None:
@@ -295,7 +298,15 @@ def train(
             "epoch_s": epoch_s,
             "lr": optimizer.param_groups[0]["lr"],
         }
-        if epoch % train_cfg.eval_every == 0 or epoch == train_cfg.max_epochs:
+        # A run the time limit stops is validated at its last epoch (as at max_epochs), so
+        # it never ends without a validation, whatever `eval_every` says.
+        out_of_time = bool(train_cfg.time_limit_s) and (
+            time.perf_counter() - started >= train_cfg.time_limit_s
+        )
+        validated = (
+            epoch % train_cfg.eval_every == 0 or epoch == train_cfg.max_epochs or out_of_time
+        )
+        if validated:
             valid = evaluate_model(scored, split, "valid", train_cfg.eval_batch_size)
             record.update({f"valid_{k}": v for k, v in valid.items() if k != "users"})
             if on_eval is not None:
@@ -329,7 +340,7 @@ def train(
         elif bad_evals >= train_cfg.patience:
             stopped_by = "early_stopping"
             break
-        if train_cfg.time_limit_s and elapsed >= train_cfg.time_limit_s:
+        if validated and train_cfg.time_limit_s and elapsed >= train_cfg.time_limit_s:
             stopped_by = "time_limit"
             break
     model.load_state_dict(best_state)
@@ -362,28 +373,96 @@ def weight_average(
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
 
 
+def _storage_key(t: Tensor) -> tuple[int, int, tuple[int, ...], torch.dtype]:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+
+
 def save_checkpoint(path: Path, model: SASRec, extra: dict[str, Any] | None = None) -> None:
-    """A checkpoint carries its own config, so loading needs nothing else."""
-    payload = {
+    """Write `model` as safetensors: the tensors, and in the header's metadata (JSON strings)
+    the format tag, the model config and `extra`, so loading needs nothing else and never
+    unpickles. A tensor the model lists under several names (`shared_blocks`: one block
+    listed n_blocks times) is stored once, under its first name."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, Tensor] = {}
+    seen: set[tuple[int, int, tuple[int, ...], torch.dtype]] = set()
+    for name, tensor in model.state_dict().items():
+        if (key := _storage_key(tensor)) not in seen:
+            seen.add(key)
+            tensors[name] = tensor.detach().cpu().contiguous()
+    metadata = {
         "format": CHECKPOINT_FORMAT,
-        "config": model.cfg.model_dump(),
-        "state_dict": model.state_dict(),
-        "extra": extra or {},
+        "config": json.dumps(model.cfg.model_dump()),
+        "extra": json.dumps(extra or {}),
     }
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
+    save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(path)
 
 
-def load_checkpoint(path: Path) -> SASRec:
-    """Load without pickle code execution (`weights_only=True`): artifacts may be untrusted."""
+def _read_checkpoint(path: Path) -> SASRec:
+    from safetensors import safe_open
+
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        if payload.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"format tag {payload.get('format')!r}, expected {CHECKPOINT_FORMAT}")
-        model = SASRec(ModelConfig(**payload["config"]))
-        model.load_state_dict(payload["state_dict"])
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
+    except Exception as exc:  # a pickle, a truncated file, a bad header: never executed
+        raise ValueError(f"not a safetensors file ({exc})") from exc
+    tag = metadata.get("format")
+    if tag != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"unknown format tag {tag!r} in its header, expected {CHECKPOINT_FORMAT!r}"
+        )
+    try:
+        config = json.loads(metadata["config"])
+        model = SASRec(ModelConfig(**config))
+    except Exception as exc:  # missing, not JSON, not a mapping, or refused by ModelConfig
+        raise ValueError(f"bad model config in its header ({exc})") from exc
+    expected = model.state_dict()
+    owners: dict[tuple[int, int, tuple[int, ...], torch.dtype], str] = {}
+    stored_as = {n: owners.setdefault(_storage_key(t), n) for n, t in expected.items()}
+    stored = {n: t for n, t in expected.items() if stored_as[n] == n}  # one name per tensor
+    missing, extra = sorted(stored.keys() - tensors.keys()), sorted(tensors.keys() - stored.keys())
+    if missing or extra:
+        raise ValueError(f"tensors do not match its config: missing {missing}, unexpected {extra}")
+    for name, want in stored.items():
+        got = tensors[name]
+        if got.shape != want.shape or got.dtype != want.dtype:
+            raise ValueError(
+                f"tensor {name!r} is {got.dtype} {list(got.shape)}, its config needs "
+                f"{want.dtype} {list(want.shape)}"
+            )
+    state = {name: tensors[stored_as[name]] for name in expected}
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def load_checkpoint(path: Path) -> SASRec:
+    """Load a checkpoint written by `save_checkpoint`, in eval mode.
+
+    Never unpickles (artifacts may come from anyone who can write the store): safetensors
+    holds raw tensors and a JSON header. Every problem is a ValueError naming the file."""
+    try:
+        model = _read_checkpoint(path)
     except Exception as exc:  # any corruption surfaces as one clear message
-        raise ValueError(f"{path}: not a usable model checkpoint ({exc})") from exc
+        raise ValueError(f"{path}: not a usable model checkpoint: {exc}") from exc
     model.eval()
     return model
+
+
+def stored_checkpoint(manifest: Any, folder: Path, purpose: str) -> Path:
+    """Path of a stored version's checkpoint (`model_store.store.CHECKPOINT_FILE`), or a
+    ValueError saying why there is none: a version holding only the pickle-based `model.pt`
+    of earlier releases is refused before anything reads it."""
+    ref = f"{manifest.name}@{manifest.version}"
+    if CHECKPOINT_FILE in manifest.artifacts:
+        return folder / CHECKPOINT_FILE
+    legacy = [name for name in LEGACY_CHECKPOINTS if name in manifest.artifacts]
+    if legacy:
+        raise ValueError(
+            f"{ref}: holds only {legacy[0]}, a pickle-based checkpoint this version never loads "
+            f"(pickle can run code); re-publish it with {CHECKPOINT_FILE} by re-running the "
+            "recipe that made it"
+        )
+    raise ValueError(f"{ref}: has no PyTorch checkpoint ({CHECKPOINT_FILE}) to {purpose}")

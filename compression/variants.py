@@ -20,7 +20,7 @@ from compression.evaluate import evaluate_scorer
 from compression.export import check_parity, export_onnx
 from compression.pipeline import PARITY_SEQUENCES, load_model_data, prefixed
 from model_store.manifest import Manifest
-from model_store.store import ModelStore
+from model_store.store import CHECKPOINT_FILE, ModelStore
 
 Transform = Callable[[Path, Path, Split], Any]  # (fp32 onnx, variant onnx, data) -> details
 
@@ -33,36 +33,31 @@ def _with_counts(manifest: Manifest, folder: Path, split: Split, dst: Path) -> N
     write_item_mapping(dst, ids, split.item_counts()[1:])
 
 
-def export_stored(store: ModelStore, ref: str, program: bool = False) -> Manifest:
+def export_stored(store: ModelStore, ref: str) -> Manifest:
     """Publish a new version of a stored PyTorch model that also carries `model.onnx`
     (parity-checked) and popularity counts: for models trained before either existed.
-    `program` adds `model.pt2` (`torch.export`) for the service's PyTorch GPU engine."""
-    from compression.train import load_checkpoint
+    The service's PyTorch GPU engine reads the checkpoint itself (`CHECKPOINT_FILE`)."""
+    from compression.train import load_checkpoint, stored_checkpoint
 
     manifest, folder = store.load(ref)
-    if "model.pt" not in manifest.artifacts:
-        raise ValueError(f"{ref}: has no PyTorch checkpoint (model.pt) to export")
+    checkpoint = stored_checkpoint(manifest, folder, "export")
     split = leave_one_out(load_model_data(manifest))
-    model = load_checkpoint(folder / "model.pt").eval()
+    model = load_checkpoint(checkpoint).eval()
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path, items = Path(tmp) / "model.onnx", Path(tmp) / "items.json"
         export_onnx(model, onnx_path)
         histories = split.eval_inputs("test")[0][:PARITY_SEQUENCES]
         parity = check_parity(model, onnx_path, histories).as_metrics()
         _with_counts(manifest, folder, split, items)
-        shutil.copy(folder / "model.pt", Path(tmp) / "model.pt")
-        files = {"model.pt": Path(tmp) / "model.pt", "model.onnx": onnx_path, "items.json": items}
-        formats = {}
-        if program:
-            from compression.export import export_program
-
-            files["model.pt2"] = Path(tmp) / "model.pt2"
-            export_program(model, files["model.pt2"])
-            formats["model.pt2"] = ("other", "fp32")
+        shutil.copy(checkpoint, Path(tmp) / CHECKPOINT_FILE)
+        files = {
+            CHECKPOINT_FILE: Path(tmp) / CHECKPOINT_FILE,
+            "model.onnx": onnx_path,
+            "items.json": items,
+        }
         return store.publish(
             manifest.name,
             files,
-            formats=formats,
             kind=manifest.kind,
             parent=f"{manifest.name}@{manifest.version}",
             architecture=manifest.architecture,
@@ -234,14 +229,13 @@ def prune_variant(
     from compression.evaluate import evaluate_model
     from compression.pipeline import evaluate_and_publish
     from compression.prune import prune
-    from compression.train import TrainResult, load_checkpoint
+    from compression.train import TrainResult, load_checkpoint, stored_checkpoint
 
     parent, folder = store.load(parent_ref)
-    if "model.pt" not in parent.artifacts:
-        raise ValueError(f"{parent_ref}: has no PyTorch checkpoint (model.pt) to prune")
+    checkpoint = stored_checkpoint(parent, folder, "prune")
     data = load_model_data(parent)
     split = leave_one_out(data)
-    model = load_checkpoint(folder / "model.pt").eval()
+    model = load_checkpoint(checkpoint).eval()
     started = time.perf_counter()
     result = prune(model, cfg, split, train_cfg, distill_cfg, log=log)
     tuned = result.fine_tune

@@ -39,11 +39,17 @@ BLOCK_SIZE = 1 << 20  # 1 MiB: large enough for throughput, small enough for mem
 LATEST_FILE = "latest"
 TMP_PREFIX = ".tmp-"
 ITEM_MAPPING = "items.json"
+# PyTorch weights (safetensors: tensors + a JSON header, never pickle); the one name every
+# reader and writer of a checkpoint uses. Versions holding only the pickle-based `model.pt`
+# or `model.pt2` of earlier releases are refused, never loaded.
+CHECKPOINT_FILE = "model.safetensors"
+LEGACY_CHECKPOINTS = ("model.pt", "model.pt2")
 _MAX_PUBLISH_ATTEMPTS = 100
 _PLACEHOLDER_SHA = "0" * 64
 _FORMAT_BY_SUFFIX = {
     ".pt": "pytorch",
     ".pth": "pytorch",
+    ".safetensors": "pytorch",
     ".onnx": "onnx",
     ".plan": "tensorrt",
     ".engine": "tensorrt",

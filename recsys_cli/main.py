@@ -189,14 +189,13 @@ def evaluate(
     from compression.data import leave_one_out
     from compression.evaluate import evaluate_model, evaluate_popularity
     from compression.pipeline import load_model_data
-    from compression.train import load_checkpoint
+    from compression.train import load_checkpoint, stored_checkpoint
 
     manifest, folder = _store(store).load(model)
-    if "model.pt" not in manifest.artifacts:
-        raise UserError(f"{model}: has no PyTorch checkpoint (model.pt) to evaluate")
+    checkpoint = stored_checkpoint(manifest, folder, "evaluate")
     dataset = load_model_data(manifest, data)
     split = leave_one_out(dataset)
-    net = load_checkpoint(folder / "model.pt")
+    net = load_checkpoint(checkpoint)
     _metrics_table(
         f"{stage} set, full ranking over {dataset.n_items:,} items, history masked "
         f"({dataset.name})",
@@ -285,16 +284,15 @@ def distill(
 
 @app.command()
 def export(
-    model: Annotated[str, typer.Argument(help="Stored model with a model.pt: NAME@VERSION.")],
-    program: Annotated[
-        bool, typer.Option(help="Also add model.pt2 (torch.export) for the PyTorch GPU engine.")
-    ] = False,
+    model: Annotated[
+        str, typer.Argument(help="Stored model with a model.safetensors: NAME@VERSION.")
+    ],
     store: StoreOpt = Path(DEFAULT_STORE),
 ) -> None:
     """Publish a new version that adds a parity-checked model.onnx and popularity counts."""
     from compression.variants import export_stored
 
-    m = export_stored(_store(store), model, program=program)
+    m = export_stored(_store(store), model)
     typer.echo(
         f"published {m.name}@{m.version} (parent {m.parent}); ONNX top-10 agreement with "
         f"PyTorch {m.metrics['parity_top10_agreement']:.4f}"
@@ -485,7 +483,7 @@ def serve(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, torch_factory=_torch_module),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
@@ -493,6 +491,16 @@ def serve(
         loop="uvloop",
         http="httptools",
     )
+
+
+def _torch_module(architecture: dict[str, Any]) -> Any:
+    """The service's torch engine factory: the stored architecture as a PyTorch module (its
+    weights come from the version's safetensors). Imports `compression` only when called,
+    i.e. when the torch engine is chosen (engine "torch", or "auto" without model.onnx)."""
+    from compression.configs import ModelConfig
+    from compression.model import SASRec
+
+    return SASRec(ModelConfig(**architecture)).eval()
 
 
 def _pairs(values: list[str], flag: str, cast: Any) -> dict[str, Any]:

@@ -8,7 +8,7 @@
   list: the ceiling of FastAPI + pydantic on this machine, no model at all.
 - `ort`: FastAPI + onnxruntime, one request at a time in the handler, history padded to the
   model's full length, full argsort, pydantic response (the ~2.0k req/s peer of DESIGN §8).
-- `torch`: the same with the PyTorch-eager checkpoint (`model.pt`).
+- `torch`: the same with the PyTorch-eager checkpoint (`model.safetensors`).
 """
 
 from __future__ import annotations
@@ -61,8 +61,9 @@ def model_app(folder: Path, kind: str) -> FastAPI:
         import torch
 
         from compression.train import load_checkpoint
+        from model_store.store import CHECKPOINT_FILE
 
-        model = load_checkpoint(folder / "model.pt").eval()
+        model = load_checkpoint(folder / CHECKPOINT_FILE).eval()
 
         def score(x: np.ndarray) -> np.ndarray:
             with torch.inference_mode():

@@ -77,11 +77,19 @@ def test_head_dim_config_is_backwards_compatible(tmp_path: Path) -> None:
     assert m.blocks[0].attn.proj.weight.shape == (16, 12)
     assert m(torch.tensor([[1, 2, 3]])).shape == (1, 6)
     # a checkpoint written before head_dim existed has no such key and loads unchanged
-    save_checkpoint(tmp_path / "m.pt", tiny())
-    payload = torch.load(tmp_path / "m.pt", weights_only=True)
-    payload["config"].pop("head_dim")
-    torch.save(payload, tmp_path / "m.pt")
-    assert load_checkpoint(tmp_path / "m.pt").cfg.attn_head_dim == 4
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, tiny())
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    config = json.loads(metadata["config"])
+    config.pop("head_dim")
+    save_file(load_file(str(path)), str(path), metadata={**metadata, "config": json.dumps(config)})
+    assert load_checkpoint(path).cfg.attn_head_dim == 4
 
 
 def test_config_validation_and_counts() -> None:
