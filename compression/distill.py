@@ -16,8 +16,9 @@ alpha*KL + (1-alpha)*L2.
 Adaptive strategies (`DistillConfig.strategy`):
 
 - `reliability`: per-position trust in the teacher. With r_i the teacher's 0-based rank of
-  the true next item among all items, w_i = 1 / log2(2 + r_i) (1 when the teacher ranks it
-  first, 0.5 at rank 2, ~0.1 at rank 1000) and the weight it loses goes to the labels:
+  the true next item among all items (ties count against it, `evaluate.target_rank`),
+  w_i = 1 / log2(2 + r_i) (1 when the teacher ranks it first, 0.5 at rank 2, ~0.1 at
+  rank 1000) and the weight it loses goes to the labels:
   u_i = beta + (1 - w_i). Where the teacher is wrong, the student learns from the data.
 - `plateau`: a schedule driven by the student's validation NDCG@10. When it has not improved
   for `plateau_patience` evaluations, `alpha_step` of the teacher weight moves to the labels
@@ -61,6 +62,7 @@ from torch.utils.checkpoint import checkpoint
 
 from compression.configs import DistillConfig
 from compression.data import pad_left
+from compression.evaluate import target_rank_torch
 from compression.model import SASRec
 from compression.successors import add_entries
 
@@ -81,7 +83,7 @@ def distill_terms(
     s = student_logits.float()
     t = teacher_logits.float()
     ce = F.cross_entropy(s, labels, reduction="none")
-    rank = (t > t.gather(1, labels[:, None])).sum(dim=1) if with_rank else None
+    rank = target_rank_torch(t, labels) if with_rank else None
     log_ps = F.log_softmax(s / temperature, dim=1)
     log_pt = F.log_softmax(t / temperature, dim=1)
     if top_k is not None and top_k < t.shape[1]:
@@ -205,7 +207,7 @@ def teacher_targets(
             top_ids[at] = top.indices.to(id_dtype)
             top_logits[at] = top.values.half()
             lse[at] = torch.logsumexp(logits / temperature, dim=1)
-            rank[at] = (logits > logits.gather(1, labels[sl, None])).sum(dim=1).int()
+            rank[at] = target_rank_torch(logits, labels[sl]).int()
     return TeacherTargets(offsets, top_ids, top_logits, lse, rank, temperature)
 
 

@@ -2,16 +2,21 @@
 
 Protocol (comparable with published SASRec numbers): leave-one-out, the target is ranked
 against all items, items the user already interacted with (the whole history, not only the
-model's window) cannot be recommended, rank = number of items scored strictly higher.
+model's window) cannot be recommended. Ties count against the target (pessimistic): rank =
+number of other non-masked items whose score is >= the target's (`target_rank`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from compression.data import Split, pad_left
+
+if TYPE_CHECKING:
+    import torch
 
 Scorer = Callable[[np.ndarray], np.ndarray]  # [batch, length] int64 -> [batch, n_items + 1]
 KS = (10, 20)
@@ -30,18 +35,57 @@ def metrics_from_ranks(ranks: np.ndarray, ks: Sequence[int] = KS) -> dict[str, f
     return out
 
 
+def target_rank(
+    scores: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None
+) -> np.ndarray:
+    """0-based rank of each row's target with pessimistic ties: the number of other items,
+    not masked, whose score is >= the target's (a tie counts against the target).
+
+    `scores` is `[rows, items]`, `target` `[rows]` column indices, `mask` an optional
+    `[rows, items]` bool array, True where an item cannot be recommended (it never counts;
+    the target itself never does either, masked or not). A NaN target score ranks last.
+    `target_rank_torch` is the same rule on tensors.
+    """
+    scores = np.asarray(scores)
+    target = np.asarray(target, dtype=np.int64)
+    rows = np.arange(len(target))
+    own = scores[rows, target][:, None]
+    at_least = (scores >= own) | np.isnan(own)  # holds for the target itself: subtracted
+    if mask is None:
+        return at_least.sum(axis=1) - 1
+    mask = np.asarray(mask, dtype=bool)
+    return (at_least & ~mask).sum(axis=1) - (~mask[rows, target]).astype(np.int64)
+
+
+def target_rank_torch(
+    scores: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`target_rank` on torch tensors (same pessimistic-tie rule, same arguments)."""
+    import torch
+
+    target = target.long()
+    own = scores.gather(1, target[:, None])
+    at_least = (scores >= own) | own.isnan()  # holds for the target itself: subtracted
+    if mask is None:
+        return at_least.sum(dim=1) - 1
+    mask = mask.to(torch.bool)
+    kept = ~mask.gather(1, target[:, None])[:, 0]
+    return at_least.logical_and_(~mask).sum(dim=1) - kept.long()
+
+
 def masked_ranks(
     scores: np.ndarray, targets: np.ndarray, histories: Sequence[np.ndarray]
 ) -> np.ndarray:
-    """0-based rank of each target after masking padding (column 0) and history items."""
-    scores = np.array(scores, dtype=np.float32, copy=True)
+    """0-based rank of each target (`target_rank`: ties count against it) after masking
+    padding (column 0) and history items."""
+    scores = np.asarray(scores)
+    mask = np.zeros(scores.shape, dtype=bool)
     rows = np.repeat(np.arange(len(histories)), [len(h) for h in histories])
     cols = np.concatenate(histories) if len(histories) else np.zeros(0, dtype=np.int64)
-    target_scores = scores[np.arange(len(targets)), targets].copy()
-    scores[rows, cols] = -np.inf
-    scores[:, 0] = -np.inf
+    mask[rows, cols] = True
+    mask[:, 0] = True
     # A target the user had already seen still competes with its own score.
-    return (scores > target_scores[:, None]).sum(axis=1)
+    return target_rank(scores, targets, mask)
 
 
 def rank_targets(

@@ -94,7 +94,7 @@ def test_a_checkpoint_only_teacher_is_exported_once_and_then_reused(tmp_path: Pa
     first = run_build(recipe, store, progress=False, log=lambda _: None)["tiny-teacher"]
     _, folder = store.load("tiny-teacher@1")
     legacy = store.publish(  # the same training run, as published before ONNX export existed
-        "tiny-teacher", {"model.pt": folder / "model.pt", "items.json": folder / "items.json"},
+        "tiny-teacher", {n: folder / n for n in ("model.safetensors", "items.json")},
         kind="teacher", parent=None, architecture=first.architecture, recipe=first.recipe,
         dataset=first.dataset, metrics=first.metrics,
     )  # fmt: skip

@@ -84,7 +84,7 @@ def test_train_store_evaluate_round_trip(monkeypatch, capsys, tmp_path) -> None:
     code, out, _ = run(monkeypatch, capsys, "store", "show", "tiny@latest", *args)
     manifest = json.loads(out)
     assert manifest["kind"] == "teacher" and manifest["architecture"]["hidden"] == 8
-    assert {"model.pt", "model.onnx", "items.json"} == set(manifest["artifacts"])
+    assert {"model.safetensors", "model.onnx", "items.json"} == set(manifest["artifacts"])
     assert manifest["artifacts"]["model.onnx"]["format"] == "onnx"
     assert manifest["metrics"]["parity_top10_agreement"] > 0.99
     assert manifest["metrics"]["test_ndcg@10"] >= 0 and manifest["dataset"]["n_items"] == 40
@@ -97,9 +97,9 @@ def test_train_store_evaluate_round_trip(monkeypatch, capsys, tmp_path) -> None:
     code, _, err = run(monkeypatch, capsys, "evaluate", "tiny", "--data", other, *args)
     assert code == 2 and "differs from the data" in err
     # a tampered artifact is refused with one line naming it
-    (Path(store) / "tiny" / "1" / "model.pt").write_bytes(b"garbage")
+    (Path(store) / "tiny" / "1" / "model.safetensors").write_bytes(b"garbage")
     code, _, err = run(monkeypatch, capsys, "evaluate", "tiny@1", *args)
-    assert code == 2 and "model.pt" in err and err.count("\n") == 1
+    assert code == 2 and "model.safetensors" in err and err.count("\n") == 1
 
 
 def test_train_from_generic_event_csv(monkeypatch, capsys, tmp_path) -> None:
@@ -137,6 +137,26 @@ def test_train_from_generic_event_csv(monkeypatch, capsys, tmp_path) -> None:
 
     mapping = read_item_mapping(Path(store) / "ev" / "1" / "items.json")
     assert mapping and all(item.startswith("item") for item in mapping)  # the user's own ids
+
+
+def test_time_limit_before_the_first_validation_still_publishes(
+    monkeypatch, capsys, tmp_path
+) -> None:
+    # eval_every = 5 and a limit that runs out in epoch 1: this once ended in KeyError 'hr@10'
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[train]\neval_every = 5\nmax_epochs = 10\n")
+    store = str(tmp_path / "store")
+    code, out, err = run(
+        monkeypatch, capsys, "train", "--recipe", str(recipe), "--data", TINY, "--name", "tl",
+        "--hidden", "8", "--max-len", "10", "--time-limit-s", "0.000001", "--no-progress",
+        "--store", store,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "tl@1" in out and "1 epochs (best 1)" in out
+    code, out, _ = run(monkeypatch, capsys, "store", "show", "tl@1", "--store", store)
+    manifest = json.loads(out)
+    assert manifest["recipe"]["stopped_by"] == "time_limit"
+    assert manifest["metrics"]["valid_ndcg@10"] >= 0 and manifest["metrics"]["best_epoch"] == 1
 
 
 @pytest.mark.slow

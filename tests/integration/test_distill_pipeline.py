@@ -49,7 +49,7 @@ def test_student_is_published_with_parent_and_recipe(store_with_teacher, strateg
         m.metrics["test_ndcg@10"] / m.metrics["teacher_test_ndcg@10"]
     )
     _, folder = store_with_teacher.load(f"{m.name}@latest")
-    assert (Path(folder) / "model.pt").is_file()
+    assert (Path(folder) / "model.safetensors").is_file()
 
 
 def test_unknown_teacher_is_a_clear_error(store_with_teacher) -> None:
@@ -65,7 +65,7 @@ def test_a_short_context_copy_of_the_teacher_starts_from_its_weights(store_with_
     from compression.train import load_checkpoint
 
     _, folder = store_with_teacher.load("t@latest")
-    teacher = load_checkpoint(Path(folder) / "model.pt")
+    teacher = load_checkpoint(Path(folder) / "model.safetensors")
     cfg = teacher.cfg.model_copy(update={"max_len": 6})
     copy = warm_start(teacher, cfg, "t@1").eval()
     short = torch.tensor([[0, 0, 5, 9, 3, 7]])  # fits both windows: identical scores
@@ -102,9 +102,9 @@ def test_a_coded_student_takes_its_codes_from_the_teacher(store_with_teacher) ->
     assert m.architecture["emb_codebooks"] == 4
     assert any("codes from the teacher's item matrix" in line for line in logs)
     _, folder = store_with_teacher.load("s-coded@latest")
-    student = load_checkpoint(Path(folder) / "model.pt")
+    student = load_checkpoint(Path(folder) / "model.safetensors")
     _, teacher_folder = store_with_teacher.load("t@latest")
-    teacher = load_checkpoint(Path(teacher_folder) / "model.pt")
+    teacher = load_checkpoint(Path(teacher_folder) / "model.safetensors")
     fresh = CodedEmbedding(60, 4, 8, 16)
     fresh.fit(teacher.item_emb.weight.detach().numpy(), seed=recipe.train.seed)
     assert torch.equal(student.item_emb.codes, fresh.codes)  # fixed during training

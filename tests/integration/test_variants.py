@@ -39,8 +39,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
 def checkpoint_only(store: ModelStore, name: str) -> Manifest:
     """`t@1` republished as `name` the way models were before ONNX export and popularity."""
     m, folder = store.load("t@1")
+    files = {name: folder / name for name in ("model.safetensors", "items.json")}
     return store.publish(
-        name, {"model.pt": folder / "model.pt", "items.json": folder / "items.json"},
+        name, files,
         kind="teacher", parent=None, architecture=m.architecture, recipe=m.recipe,
         dataset=m.dataset, metrics=m.metrics,
     )  # fmt: skip
@@ -51,9 +52,10 @@ def test_export_stored_adds_onnx_and_popularity_to_a_checkpoint_only_model(
 ) -> None:
     # A model from before ONNX export and popularity counts: drop both from version 1.
     legacy = checkpoint_only(store, "legacy")
-    new = export_stored(store, f"{legacy.name}@{legacy.version}", program=True)
+    new = export_stored(store, f"{legacy.name}@{legacy.version}")
     assert new.version == 2 and new.parent == "legacy@1"
-    assert {"model.pt", "model.onnx", "model.pt2", "items.json"} <= set(new.artifacts)
+    assert {"model.safetensors", "model.onnx", "items.json"} == set(new.artifacts)
+    assert new.artifacts["model.safetensors"].format == "pytorch"
     assert new.metrics["parity_top10_agreement"] == 1.0
     _, new_folder = store.load("legacy@2")
     counts = json.loads((new_folder / "items.json").read_text())["counts"]

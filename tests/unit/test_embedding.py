@@ -83,7 +83,7 @@ def test_training_assigns_buckets_by_popularity_and_learns(tmp_path: Path) -> No
         evaluate_model(model, split, "test")["ndcg@10"]
         > 2 * evaluate_popularity(split, "test")["ndcg@10"]
     )
-    path = tmp_path / "model.pt"
+    path = tmp_path / "model.safetensors"
     save_checkpoint(path, model)
     loaded = load_checkpoint(path)  # the assignment travels with the checkpoint
     assert torch.equal(loaded.item_emb.rows, model.item_emb.rows)

@@ -13,6 +13,8 @@ from compression.evaluate import (
     masked_ranks,
     metrics_from_ranks,
     rank_targets,
+    target_rank,
+    target_rank_torch,
 )
 
 
@@ -44,7 +46,8 @@ def naive_metrics(scores, targets, histories, k):  # independent, loop-based ref
     hr = ndcg = 0.0
     for row, target, hist in zip(scores, targets, histories, strict=True):
         candidates = [i for i in range(1, len(row)) if i not in set(hist.tolist()) or i == target]
-        ordered = sorted(candidates, key=lambda i: (-row[i], i != target))
+        # pessimistic ties: the target goes after every item with the same score
+        ordered = sorted(candidates, key=lambda i: (-row[i], i == target))
         rank = ordered.index(target)
         if rank < k:
             hr += 1
@@ -85,3 +88,65 @@ def test_popularity_baseline_ranks_by_training_counts() -> None:
     # user0 target 2, history {1,2}: item 1 masked -> rank 0; user1 target 4 history {1,3}:
     # item 2 (2) beats it -> rank 1; user2 target 1, history {2,4}: rank 0.
     assert m["mrr"] == pytest.approx((1 + 1 / 2 + 1) / 3)
+
+
+def test_ties_count_against_the_target() -> None:
+    # the target (item 2) ties with items 1, 4 and 5; item 3 is strictly higher
+    scores = np.array([[0.0, 0.5, 0.5, 0.9, 0.5, 0.5, 0.1]])
+    assert target_rank(scores, np.array([2])).tolist() == [4]
+    # column 0 is padding; masked items never count, even when they tie
+    mask = np.zeros_like(scores, dtype=bool)
+    mask[0, [0, 3]] = True
+    assert target_rank(scores, np.array([2]), mask).tolist() == [3]
+    # through the evaluation path: item 3 is history -> rank 3 (the 3 ties), not 0
+    assert masked_ranks(scores, np.array([2]), [np.array([3])]).tolist() == [3]
+    # a target the user had already seen is ranked with its own score, ties against it
+    assert masked_ranks(scores, np.array([2]), [np.array([2, 3])]).tolist() == [3]
+
+
+def test_nan_target_score_ranks_last() -> None:
+    scores = np.array([[0.0, np.nan, 0.2, 0.3]])
+    assert target_rank(scores, np.array([1])).tolist() == [3]
+    assert masked_ranks(scores, np.array([1]), [np.array([3])]).tolist() == [1]
+
+
+def test_popularity_baseline_with_all_equal_counts_is_not_flattered() -> None:
+    # every item is bought exactly twice: the popularity scores are all equal, so the
+    # target ties with every candidate and ranks last; strict ">" would put it first.
+    n_items = 50
+    rng = np.random.default_rng(0)
+    train = [np.array([u, u % n_items + 1]) for u in range(1, n_items + 1)]
+    assert np.all(np.bincount(np.concatenate(train), minlength=n_items + 1)[1:] == 2)
+    targets = np.array([rng.choice(np.setdiff1d(np.arange(1, n_items + 1), h)) for h in train])
+    split = Split(train, targets, targets, n_items=n_items)
+    m = evaluate_popularity(split, "valid")
+    assert m["hr@10"] <= 10 / n_items  # a random tie-break would average 10 / n_items
+    assert m["hr@10"] == 0.0
+    assert m["mrr"] == pytest.approx(1 / (n_items - 2))  # 2 history items masked
+
+
+def test_torch_and_numpy_ranks_agree_with_forced_ties() -> None:
+    torch = pytest.importorskip("torch")
+    from compression.distill import distill_terms
+
+    rng = np.random.default_rng(1)
+    rows, items = 64, 40
+    scores = rng.integers(0, 4, size=(rows, items)).astype(np.float32)  # many ties
+    scores[3, 7] = np.nan
+    target = rng.integers(0, items, size=rows)
+    target[3] = 7
+    mask = rng.random((rows, items)) < 0.2
+    naive = []
+    for r in range(rows):
+        t = scores[r, target[r]]
+        others = [i for i in range(items) if i != target[r] and not mask[r, i]]
+        naive.append(sum(1 for i in others if np.isnan(t) or scores[r, i] >= t))
+    got = target_rank(scores, target, mask)
+    assert got.tolist() == naive
+    t_scores, t_target = torch.from_numpy(scores), torch.from_numpy(target)
+    assert target_rank_torch(t_scores, t_target, torch.from_numpy(mask)).tolist() == naive
+    assert target_rank_torch(t_scores, t_target).tolist() == target_rank(scores, target).tolist()
+    # distillation's teacher rank follows the same rule
+    finite = torch.from_numpy(np.nan_to_num(scores))
+    *_, rank = distill_terms(finite, finite, t_target, temperature=1.0)
+    assert rank.tolist() == target_rank(np.nan_to_num(scores), target).tolist()

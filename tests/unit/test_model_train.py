@@ -131,7 +131,7 @@ def test_training_on_gpu_matches_cpu_quality_shape() -> None:
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_checkpoint_round_trip_and_refusals(tmp_path: Path) -> None:
     model = small_model(tied=False)
-    path = tmp_path / "model.pt"
+    path = tmp_path / "model.safetensors"
     save_checkpoint(path, model)
     loaded = load_checkpoint(path)
     assert loaded.cfg == model.cfg
