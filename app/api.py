@@ -165,9 +165,6 @@ async def _serve_one(
         name = service.router.assign(body.user_id, header_variant or body.variant)
     except UnknownVariantError as exc:
         raise ApiError(404, "unknown_variant", str(exc)) from None
-    if body.k > service.variants[name].model.n_items:
-        n = service.variants[name].model.n_items
-        raise ApiError(422, "k_too_large", f"k={body.k} is above the catalogue size {n}")
     m = service.metrics
     try:
         answer = await service.recommend(name, body.history, body.k, body.exclude_history)

@@ -1,14 +1,25 @@
-"""Dynamic batcher: one bounded queue, one future per request, one consumer task per variant.
+"""Dynamic batcher: one queue, one future per request, one supervised consumer per variant.
 
-Rules (DESIGN §4):
-- A batch starts with the first queued request and closes when `max_batch_size` requests
-  are in it or `max_wait_s` has passed since that first request. With `max_wait_s = 0` the
-  batch is whatever is queued at that instant, so a lone request is never delayed.
-- The queue is bounded: a full queue refuses at once (`QueueFullError` -> 429), it never grows.
-- Requests whose deadline passed or whose caller went away (future cancelled) are dropped
-  before inference; every other future is settled, with the batch's exception if it fails.
-- Inference runs in a thread pool, off the event loop; at most `max_inflight_batches` run
-  at once, so while one batch computes the next one fills.
+Policy (DESIGN §4): **batch only while the engine is busy.** The consumer takes an inference
+slot first, then forms a batch of whatever is queued at that instant (up to
+`max_batch_size`). A lone request at low load finds a free slot and goes at once, paying the
+model's latency and nothing else; under load every slot computes, requests accumulate, and
+the next free slot takes them as one batch, so batch size follows load without a timer.
+(`max_wait_s > 0` optionally lets a batch wait that long from its first request for company.)
+
+Admission: only live requests count. A request whose deadline passed or whose caller went
+away leaves the accounting at once (its queue entry is skipped when reached), so refusals
+never happen for capacity nobody uses. The limit adapts to the engine's measured speed: a
+request is refused (429) when the live queue already holds more than the engine drains in
+`max_queue_delay_s`, so what is accepted finishes well inside its deadline instead of
+timing out (goodput under overload), capped by `max_queue_size`.
+
+Shadow requests have their own bounded lane and their own slot: they run only while no live
+request is queued, never take a live slot, never count toward live admission, and are
+dropped (counted) rather than ever delaying or refusing a live request.
+
+The consumer is supervised: if it crashes the error is logged and counted, `healthy` turns
+False (readiness reports it), and it restarts; requests queued meanwhile are kept.
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ R = TypeVar("R")  # per-request result
 
 
 class QueueFullError(Exception):
-    """The variant's queue is full: retry after `retry_after_s`."""
+    """The variant cannot take more work now: retry after `retry_after_s`."""
 
     def __init__(self, variant: str, retry_after_s: float) -> None:
         super().__init__(f"variant {variant!r} is overloaded (queue full); retry later")
@@ -45,12 +56,13 @@ class BatcherClosedError(Exception):
     """The batcher is shutting down and takes no new requests."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Pending(Generic[P]):
     payload: P
     future: asyncio.Future[Any]
     enqueued_s: float
     deadline_s: float
+    queued: bool = True  # still counted as live queue work
 
 
 @dataclass
@@ -61,15 +73,26 @@ class BatchObserver:
     batch: Callable[[int, float], None] = lambda size, compute_s: None
     queue_wait: Callable[[float], None] = lambda wait_s: None
     dropped: Callable[[str], None] = lambda reason: None  # "deadline" | "cancelled"
+    queue_limit: Callable[[int], None] = lambda limit: None
+    restarted: Callable[[], None] = lambda: None
+    shadow_dropped: Callable[[], None] = lambda: None
 
 
 @dataclass
 class BatcherConfig:
-    max_batch_size: int = 64
-    max_wait_s: float = 0.002
+    max_batch_size: int = 32
+    max_wait_s: float = 0.0
     max_queue_size: int = 1024
     max_inflight_batches: int = 2
+    max_queue_delay_s: float = 0.25
+    shadow_queue_size: int = 64
     retry_after_s: float = 1.0
+    restart_backoff_s: float = 0.05
+
+
+# Until the first batches are measured the adaptive limit assumes this per-request cost.
+_INITIAL_PER_REQUEST_S = 0.001
+_EWMA = 0.2  # weight of the newest batch in the per-request cost estimate
 
 
 @dataclass
@@ -84,71 +107,167 @@ class DynamicBatcher(Generic[P, R]):
 
     def __post_init__(self) -> None:
         self._queue: collections.deque[_Pending[P]] = collections.deque()
+        self._shadow: collections.deque[_Pending[P]] = collections.deque()
+        self._live = 0  # queued entries whose caller still waits
         self._wakeup = asyncio.Event()
+        self._shadow_wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(self.config.max_inflight_batches)
         self._inflight: set[asyncio.Task[None]] = set()
         self._closing = False
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._per_request_s = _INITIAL_PER_REQUEST_S
+        self.failure: str | None = None  # why the consumer is not running, while restarting
+        self.restarts = 0
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._consume(), name=self.name)
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._supervise(self._consume), name=self.name),
+            loop.create_task(self._supervise(self._consume_shadow), name=f"{self.name}-shadow"),
+        ]
+
+    # -- accounting -----------------------------------------------------------------------
 
     @property
     def depth(self) -> int:
-        return len(self._queue)
+        """Live queued requests (expired and cancelled ones are not counted)."""
+        return self._live
+
+    @property
+    def limit(self) -> int:
+        """How many live requests may wait: what the engine drains in `max_queue_delay_s`."""
+        c = self.config
+        drain_per_s = c.max_inflight_batches / max(self._per_request_s, 1e-6)
+        return max(c.max_batch_size, min(c.max_queue_size, int(drain_per_s * c.max_queue_delay_s)))
+
+    @property
+    def full(self) -> bool:
+        return self._live >= self.limit
+
+    @property
+    def healthy(self) -> bool:
+        return self.failure is None
+
+    def _left(self, item: _Pending[P]) -> None:
+        """A queued request's future is done before dispatch: it no longer counts."""
+        if item.queued:
+            item.queued = False
+            self._live -= 1
+            if item.future.cancelled():  # the caller went away (an expiry was counted)
+                self.observer.dropped("cancelled")
+            self.observer.queue_depth(self._live)
+            # Entries stay in the deque until reached; compact when most of it is dead.
+            if len(self._queue) > 2 * self._live + 64:
+                self._queue = collections.deque(i for i in self._queue if i.queued)
+
+    # -- submitting -----------------------------------------------------------------------
 
     async def submit(self, payload: P, timeout_s: float) -> R:
         """Queue one request and wait for its result (raises what its batch raised)."""
         if self._closing:
             raise BatcherClosedError(f"variant {self.name!r} is shutting down")
-        if len(self._queue) >= self.config.max_queue_size:
+        if self.full:
             raise QueueFullError(self.name, self.config.retry_after_s)
-        loop = asyncio.get_running_loop()
-        now = time.perf_counter()
-        future: asyncio.Future[R] = loop.create_future()
-        self._queue.append(_Pending(payload, future, now, now + timeout_s))
-        self.observer.queue_depth(len(self._queue))
+        item = self._enqueue(self._queue, payload, timeout_s)
+        self._live += 1
+        self.observer.queue_depth(self._live)
+        item.future.add_done_callback(lambda _: self._left(item))
         self._wakeup.set()
+        return await self._wait(item, timeout_s)
+
+    async def submit_shadow(self, payload: P, timeout_s: float) -> R | None:
+        """Run a shadow copy when the engine has room; None when dropped (lane full)."""
+        if self._closing or len(self._shadow) >= self.config.shadow_queue_size:
+            self.observer.shadow_dropped()
+            return None
+        item = self._enqueue(self._shadow, payload, timeout_s)
+        item.queued = False  # never live work
+        self._shadow_wakeup.set()
+        return await self._wait(item, timeout_s)
+
+    def _enqueue(
+        self, lane: collections.deque[_Pending[P]], payload: P, timeout_s: float
+    ) -> _Pending[P]:
+        now = time.perf_counter()
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        item = _Pending(payload, future, now, now + timeout_s)
+        lane.append(item)
+        return item
+
+    async def _wait(self, item: _Pending[P], timeout_s: float) -> Any:
         # A bare timer on the future, not `asyncio.timeout`: that one cancels and uncancels
         # the task, a cost every request paid under load (profiled).
-        timer = loop.call_later(timeout_s, self._expire, future, timeout_s)
+        timer = asyncio.get_running_loop().call_later(timeout_s, self._expire, item, timeout_s)
         try:
-            return await future
+            return await item.future
         finally:
             timer.cancel()
 
-    def _expire(self, future: asyncio.Future[Any], timeout_s: float) -> None:
-        if not future.done():
+    def _expire(self, item: _Pending[P], timeout_s: float) -> None:
+        if not item.future.done():
             self.observer.dropped("deadline")
-            future.set_exception(DeadlineError(f"no result within {timeout_s:.3f} s"))
+            item.future.set_exception(DeadlineError(f"no result within {timeout_s:.3f} s"))
+
+    # -- consuming ------------------------------------------------------------------------
+
+    async def _supervise(self, consume: Callable[[], Any]) -> None:
+        """Run a consumer; on a crash log it, count it, report it, and start it again."""
+        while True:
+            try:
+                await consume()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.restarts += 1
+                self.failure = f"batch consumer crashed ({type(exc).__name__}: {exc}); restarting"
+                log.exception("variant %s: batch consumer crashed; restarting", self.name)
+                self.observer.restarted()
+                await asyncio.sleep(self.config.restart_backoff_s)
+                self.failure = None
+
+    def _pop(self, lane: collections.deque[_Pending[P]], n: int) -> list[_Pending[P]]:
+        """Up to `n` entries whose caller still waits, in arrival order."""
+        batch: list[_Pending[P]] = []
+        while lane and len(batch) < n:
+            item = lane.popleft()
+            if item.future.done():  # expired or cancelled; its done-callback may not have run
+                self._left(item)
+                continue
+            if item.queued:
+                item.queued = False
+                self._live -= 1
+            batch.append(item)
+        return batch
 
     async def _next_batch(self) -> list[_Pending[P]]:
-        while not self._queue:
+        c = self.config
+        while not self._live:
+            if self._closing and not self._queue:
+                return []
             self._wakeup.clear()
             await self._wakeup.wait()
-        first_s = self._queue[0].enqueued_s
-        limit = self.config.max_batch_size
-        while len(self._queue) < limit and not self._closing:
-            remaining_s = first_s + self.config.max_wait_s - time.perf_counter()
-            if remaining_s <= 0:
-                break
-            self._wakeup.clear()
-            try:
-                async with asyncio.timeout(remaining_s):
-                    await self._wakeup.wait()
-            except TimeoutError:
-                break
-        n = min(limit, len(self._queue))
-        return [self._queue.popleft() for _ in range(n)]
+        if c.max_wait_s > 0:
+            first_s = next((i.enqueued_s for i in self._queue if i.queued), time.perf_counter())
+            while self._live < c.max_batch_size and not self._closing:
+                remaining_s = first_s + c.max_wait_s - time.perf_counter()
+                if remaining_s <= 0:
+                    break
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(remaining_s):
+                        await self._wakeup.wait()
+        batch = self._pop(self._queue, c.max_batch_size)
+        if not self._queue:
+            self._shadow_wakeup.set()  # the live lane is empty: shadow work may go
+        return batch
 
-    def _live(self, batch: list[_Pending[P]]) -> list[_Pending[P]]:
+    def _started(self, batch: list[_Pending[P]]) -> list[_Pending[P]]:
+        """Drop entries whose deadline passed; record the queue wait of the others."""
         now = time.perf_counter()
         live = []
         for item in batch:
-            if item.future.done():  # caller gone: its await was cancelled or timed out
-                if item.deadline_s > now:  # a timed-out caller was counted as "deadline"
-                    self.observer.dropped("cancelled")
-            elif item.deadline_s <= now:
+            if item.deadline_s <= now:
                 item.future.set_exception(DeadlineError("deadline passed in the queue"))
                 self.observer.dropped("deadline")
             else:
@@ -159,20 +278,36 @@ class DynamicBatcher(Generic[P, R]):
     async def _consume(self) -> None:
         while True:
             # Take a slot before forming the batch: while every slot computes, requests keep
-            # queueing (bigger next batch), and none is taken out to wait where a deadline
-            # or a cancellation could no longer be honoured.
+            # queueing (the next batch grows), and none leaves the queue to wait where a
+            # deadline or a cancellation could no longer be honoured.
             await self._slots.acquire()
-            batch = await self._next_batch()
-            self.observer.queue_depth(len(self._queue))
-            live = self._live(batch)
-            if not live:
+            try:
+                batch = self._started(await self._next_batch())
+            except BaseException:
                 self._slots.release()
+                raise
+            self.observer.queue_depth(self._live)
+            if not batch:
+                self._slots.release()
+                if self._closing and not self._queue:
+                    return
                 continue
-            task = asyncio.get_running_loop().create_task(self._run(live))
+            task = asyncio.get_running_loop().create_task(self._run(batch, live=True))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
-    async def _run(self, batch: list[_Pending[P]]) -> None:
+    async def _consume_shadow(self) -> None:
+        """One shadow batch at a time, only while no live request waits."""
+        while not self._closing:
+            if not self._shadow or self._live:
+                self._shadow_wakeup.clear()
+                await self._shadow_wakeup.wait()
+                continue
+            batch = self._started(self._pop(self._shadow, self.config.max_batch_size))
+            if batch:
+                await self._run(batch, live=False)
+
+    async def _run(self, batch: list[_Pending[P]], live: bool) -> None:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
@@ -193,21 +328,27 @@ class DynamicBatcher(Generic[P, R]):
                 if not item.future.done():
                     item.future.set_result(result)
         finally:
-            self._slots.release()
-            self.observer.batch(len(batch), time.perf_counter() - started)
+            compute_s = time.perf_counter() - started
+            if live:
+                self._slots.release()
+                self.observer.batch(len(batch), compute_s)
+                self._per_request_s += _EWMA * (compute_s / len(batch) - self._per_request_s)
+                self.observer.queue_limit(self.limit)
 
     async def close(self, drain_timeout_s: float = 10.0) -> None:
         """Stop taking requests, finish what is queued and in flight, then stop."""
         self._closing = True
         self._wakeup.set()
+        self._shadow_wakeup.set()
         deadline = time.perf_counter() + drain_timeout_s
-        while (self._queue or self._inflight) and time.perf_counter() < deadline:
+        while (self._live or self._inflight) and time.perf_counter() < deadline:
             await asyncio.sleep(0.005)
-        for item in self._queue:
-            if not item.future.done():
-                item.future.set_exception(BatcherClosedError(f"variant {self.name!r} closed"))
-        self._queue.clear()
-        if self._task is not None:
-            self._task.cancel()
+        for lane in (self._queue, self._shadow):
+            for item in lane:
+                if not item.future.done():
+                    item.future.set_exception(BatcherClosedError(f"variant {self.name!r} closed"))
+            lane.clear()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task

@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from app.api import BODY_MODELS, hot, router
+from app.engines import TorchModuleFactory
 from app.errors import BodyGuard, install_error_handlers
 from app.metrics import Metrics
 from app.service import Service
@@ -31,7 +32,11 @@ log = logging.getLogger("app")
 _NO_TELEMETRY: dict[str, Any] = {"tracing": False, "metrics": False, "logs": False}
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, torch_factory: TorchModuleFactory | None = None
+) -> FastAPI:
+    """`torch_factory` builds the torch engine's module from a manifest's architecture
+    (`app` never imports `compression`; `recsys serve` passes one)."""
     settings = settings or Settings()
 
     @contextlib.asynccontextmanager
@@ -39,7 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         sys.setswitchinterval(settings.gil_switch_interval_s)
         if settings.gc_gen0_threshold:
             gc.set_threshold(settings.gc_gen0_threshold, *gc.get_threshold()[1:])
-        service = Service(settings, Metrics())
+        service = Service(settings, Metrics(), torch_factory)
         app.state.service = service
         loop = asyncio.get_running_loop()
         tasks = [loop.create_task(service.load_all())]
@@ -71,7 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         and (route.body_field is not None or "requestBody" in (route.openapi_extra or {}))
         for method in route.methods
     }
-    _document_bodies(app)
+    _document_bodies(app, settings)
     app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes, json_routes=json_routes)
     return app
 
@@ -86,8 +91,10 @@ async def watch_loop_lag(service: Service, interval_s: float) -> None:
         service.metrics.loop_lag.observe(max(0.0, loop.time() - started - interval_s))
 
 
-def _document_bodies(app: FastAPI) -> None:
-    """Put the models of self-parsed bodies into the schema's components (see `app.api`)."""
+def _document_bodies(app: FastAPI, settings: Settings) -> None:
+    """Put the models of self-parsed bodies into the schema's components (see `app.api`),
+    with this service's own limits: a request the schema allows is one the service serves,
+    so generated clients and fuzzers see the same bounds the server enforces."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -98,6 +105,20 @@ def _document_bodies(app: FastAPI) -> None:
                 doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(doc.pop("$defs", {}))
                 components[model.__name__] = doc
+            _apply_limits(components, settings)
         return app.openapi_schema  # type: ignore[return-value]
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _apply_limits(components: dict[str, Any], settings: Settings) -> None:
+    """The settings' run-time limits, where they are stricter than the static models'."""
+
+    def tighten(prop: dict[str, Any], key: str, limit: int) -> None:
+        prop[key] = min(int(prop.get(key, limit)), limit)
+
+    request = components["RecommendRequest"]["properties"]
+    tighten(request["k"], "maximum", settings.max_k)
+    tighten(request["history"], "maxItems", settings.max_history_len)
+    batch = components["BatchRecommendRequest"]["properties"]
+    tighten(batch["requests"], "maxItems", settings.max_batch_requests)

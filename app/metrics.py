@@ -48,6 +48,15 @@ class Metrics:
             "recsys_queue_capacity", "max_queue_size per variant (for saturation alerts)",
             ["variant"], registry=r,
         )  # fmt: skip
+        self.queue_limit = Gauge(
+            "recsys_queue_limit", "Live requests a variant admits now: what it drains in "
+            "max_queue_delay_s at its measured speed, capped by max_queue_size",
+            ["variant"], registry=r,
+        )  # fmt: skip
+        self.batcher_restarts = Counter(
+            "recsys_batcher_restarts", "Batch consumer crashes (each restarted)", ["variant"],
+            registry=r,
+        )  # fmt: skip
         self.rejected = Counter(
             "recsys_rejected", "Requests refused or dropped, by reason (queue_full, deadline, "
             "cancelled, closed)", ["variant", "reason"], registry=r,
@@ -69,7 +78,7 @@ class Metrics:
             ["candidate"], buckets=LATENCY_BUCKETS_S, registry=r,
         )  # fmt: skip
         self.shadow_dropped = Counter(
-            "recsys_shadow_dropped", "Shadow requests not run (candidate busy or failed)",
+            "recsys_shadow_dropped", "Shadow requests not run (shadow lane full, or failed)",
             ["candidate"], registry=r,
         )  # fmt: skip
         self.model_info = Gauge(

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from app.batching import BatcherConfig, BatchObserver, DynamicBatcher
+from app.engines import TorchModuleFactory
 from app.metrics import Metrics
 from app.model import LoadedModel, Query, Ranked
 from app.routing import Router
@@ -44,18 +45,25 @@ class Answer:
 
 
 class Service:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        torch_factory: TorchModuleFactory | None = None,
+    ) -> None:
         self.settings = settings
+        self.torch_factory = torch_factory  # builds the torch engine's module (app/engines.py)
         self.metrics = metrics
         self.store = ModelStore(settings.store)
         self.router = Router(settings.routing_weights(), settings.experiment_salt)
         for name, weight in self.router.weights.items():
             metrics.routing_weight.labels(name).set(weight)
         self.variants: dict[str, Variant] = {}
-        self.not_ready_reason: str | None = "starting: variants not loaded yet"
+        self._load_failure: str | None = "starting: variants not loaded yet"
         n_variants = max(1, len(settings.variants))
         self.executor = ThreadPoolExecutor(
-            max_workers=n_variants * settings.batch.max_inflight_batches + 1,
+            # live slots and one shadow slot per variant, plus one for loading
+            max_workers=n_variants * (settings.batch.max_inflight_batches + 1) + 1,
             thread_name_prefix="inference",
             initializer=_lower_priority,
             initargs=(settings.inference_nice,),
@@ -64,19 +72,30 @@ class Service:
         self._background: set[asyncio.Task[None]] = set()
 
     @property
+    def not_ready_reason(self) -> str | None:
+        """Why requests cannot be served now: loading, or a batch consumer restarting."""
+        if self._load_failure is not None:
+            return self._load_failure
+        broken = [f"variant {n!r}: {v.batcher.failure}" for n, v in self.variants.items()
+                  if not v.batcher.healthy]  # fmt: skip
+        return "; ".join(broken) or None
+
+    @property
     def ready(self) -> bool:
         return self.not_ready_reason is None
 
     def saturated(self) -> bool:
-        """Every variant's queue is full: a request would be refused wherever it went."""
-        cap = self.settings.batch.max_queue_size
-        return bool(self.variants) and all(v.batcher.depth >= cap for v in self.variants.values())
+        """Every variant is at its admission limit: a request would be refused anywhere."""
+        return bool(self.variants) and all(v.batcher.full for v in self.variants.values())
 
     # -- loading ---------------------------------------------------------------------------
 
     def _load_model(self, name: str, ref: str) -> LoadedModel:
         s = self.settings
-        model = LoadedModel(self.store, ref, s.engine, s.intra_op_threads, s.batch.length_buckets)
+        model = LoadedModel(
+            self.store, ref, s.engine, s.intra_op_threads, s.batch.length_buckets,
+            self.torch_factory,
+        )  # fmt: skip
         warm_s = model.warm_up(s.batch.max_batch_size)
         log.info("variant %s: %s on %s, warm-up %.2f s", name, model.ref, model.engine.name, warm_s)
         return model
@@ -91,12 +110,16 @@ class Service:
             ),
             queue_wait=m.queue_wait.labels(name).observe,
             dropped=lambda reason: m.rejected.labels(name, reason).inc(),
+            queue_limit=m.queue_limit.labels(name).set,
+            restarted=m.batcher_restarts.labels(name).inc,
+            shadow_dropped=m.shadow_dropped.labels(name).inc,
         )
         config = BatcherConfig(
             max_batch_size=b.max_batch_size,
             max_wait_s=b.max_wait_s,
             max_queue_size=b.max_queue_size,
             max_inflight_batches=b.max_inflight_batches,
+            max_queue_delay_s=b.max_queue_delay_s,
         )
         m.queue_capacity.labels(name).set(b.max_queue_size)
         batcher = DynamicBatcher(name, model.run_batch, self.executor, config, observer)
@@ -132,11 +155,11 @@ class Service:
             if not self.settings.variants:
                 errors.append("no variants configured; set RECSYS_VARIANTS")
             if not errors:
-                self._freeze_heap()
-                self.not_ready_reason = None
+                self._freeze_heap(collect=True)  # before the first request: no one waits
+                self._load_failure = None
                 self.metrics.ready.set(1)
                 return
-            self.not_ready_reason = "; ".join(errors)
+            self._load_failure = "; ".join(errors)
             await asyncio.sleep(self.settings.load_retry_s)
 
     async def reload(self, name: str, ref: str) -> Variant:
@@ -156,14 +179,19 @@ class Service:
             self._publish_info(name, old.model if old else None, model)
             if old is not None:
                 self._spawn(old.batcher.close())
-            self._freeze_heap()
+            self._freeze_heap(collect=False)
             return new
 
-    def _freeze_heap(self) -> None:
-        """Move what loading created out of the GC's reach (settings.gc_freeze says why)."""
+    def _freeze_heap(self, collect: bool) -> None:
+        """Move what loading created out of the GC's reach (settings.gc_freeze says why).
+
+        Only at start-up is there a full collection first. A hot reload only freezes: a full
+        pass over the frozen heap stops every request for its duration (the event loop and
+        the inference threads alike), while a replaced version is freed by reference counting
+        as soon as its last in-flight batch lets go (its model graph holds no cycles)."""
         if self.settings.gc_freeze:
-            gc.unfreeze()  # a full pass first: a replaced version's cycles are freed
-            gc.collect()
+            if collect:
+                gc.collect()
             gc.freeze()
 
     async def close(self) -> None:
@@ -180,7 +208,7 @@ class Service:
 
     # -- serving ---------------------------------------------------------------------------
 
-    def prepare(self, variant: Variant, history: list[int], k: int, exclude: bool) -> tuple:
+    def prepare(self, variant: Variant, history: list[int | str], k: int, exclude: bool) -> tuple:
         model = variant.model
         known, unknown = model.map_history(history)
         if unknown:
@@ -189,7 +217,7 @@ class Service:
         return query, unknown
 
     async def recommend(
-        self, variant_name: str, history: list[int], k: int, exclude: bool
+        self, variant_name: str, history: list[int | str], k: int, exclude: bool
     ) -> Answer:
         variant = self.variants[variant_name]
         query, unknown = self.prepare(variant, history, k, exclude)
@@ -200,7 +228,9 @@ class Service:
         ranked = await variant.batcher.submit(query, self.settings.request_timeout_s)
         return Answer(variant_name, variant.model.ref, ranked, "model", unknown)
 
-    async def maybe_shadow(self, served: Answer, history: list[int], k: int, exclude: bool) -> None:
+    async def maybe_shadow(
+        self, served: Answer, history: list[int | str], k: int, exclude: bool
+    ) -> None:
         """Also run a sampled request on the candidate, after the response is sent."""
         candidate = self.settings.shadow_variant
         if (
@@ -214,15 +244,17 @@ class Service:
         self._spawn(self._shadow(candidate, served, history, k, exclude))
 
     async def _shadow(
-        self, candidate: str, served: Answer, history: list[int], k: int, exclude: bool
+        self, candidate: str, served: Answer, history: list[int | str], k: int, exclude: bool
     ) -> None:
         variant = self.variants[candidate]
         query, _ = self.prepare(variant, history, k, exclude)
         started = time.perf_counter()
-        try:
-            ranked = await variant.batcher.submit(query, self.settings.request_timeout_s)
+        try:  # the shadow lane: never takes a live slot, never counts toward live admission
+            ranked = await variant.batcher.submit_shadow(query, self.settings.request_timeout_s)
         except Exception:  # shadow traffic must never hurt the served path
             self.metrics.shadow_dropped.labels(candidate).inc()
+            return
+        if ranked is None:  # the lane was full (counted by the batcher)
             return
         self.metrics.shadow_duration.labels(candidate).observe(time.perf_counter() - started)
         agreement = top_k_overlap(served.ranked.items, ranked.items)
@@ -239,7 +271,7 @@ def _lower_priority(nice: int) -> None:
             log.warning("could not lower inference thread priority: %s", exc)
 
 
-def top_k_overlap(a: list[int | str], b: list[int | str]) -> float:
+def top_k_overlap(a: list[str], b: list[str]) -> float:
     """|a ∩ b| / max(len): 1.0 when both lists hold the same items."""
     n = max(len(a), len(b))
     return float(len(set(a) & set(b)) / n) if n else 1.0

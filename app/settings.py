@@ -20,8 +20,15 @@ class BatchSettings(BaseModel):
     # 32, not 64: at 64 connections a 64-batch puts every client in one batch, and the
     # event loop and the inference thread then take turns instead of overlapping (measured).
     max_batch_size: int = Field(32, ge=1, le=4096)
-    # Counted from the first request of a batch; 0 sends whatever is queued at once.
-    max_wait_s: float = Field(0.002, ge=0.0, le=1.0)
+    # Batches form while the engine is busy (app/batching.py): a free slot takes whatever is
+    # queued at once. >0 also holds a batch open that long from its first request; 0, the
+    # default, never delays a lone request (at concurrency 1 the old 2 ms wait was most of
+    # the latency: docs/serving.md).
+    max_wait_s: float = Field(0.0, ge=0.0, le=1.0)
+    # Admission: live requests beyond what the engine drains in max_queue_delay_s (at its
+    # measured speed) are refused at once (429), so accepted work finishes inside its
+    # deadline under overload instead of timing out; max_queue_size caps it.
+    max_queue_delay_s: float = Field(0.25, gt=0.0, le=60.0)
     max_queue_size: int = Field(1024, ge=1)
     # Batches computing at once per variant: >1 overlaps padding/top-k with inference.
     max_inflight_batches: int = Field(2, ge=1, le=64)

@@ -41,9 +41,12 @@ LUA = HERE / "post_bodies.lua"
 @dataclass
 class Scenario:
     label: str
-    spec: str  # "bare" | "ort:FOLDER" | "torch:FOLDER" | "service:VAR=REF[,VAR=REF];key=value"
+    # "bare" | "ort:FOLDER" | "torch:FOLDER" | "service:VAR=REF[,VAR=REF];key=value", where
+    # key is a RECSYS_ setting, or `code` for the checkout to run (its PYTHONPATH)
+    spec: str
     port: int
     proc: subprocess.Popen | None = None
+    cwd: str | None = None
     runs: list[dict[str, Any]] = field(default_factory=list)
 
     def command(self, store: Path) -> tuple[list[str], dict[str, str]]:
@@ -58,11 +61,15 @@ class Scenario:
         if kind != "service":
             raise SystemExit(f"scenario {self.label}: unknown kind {kind!r}")
         variants, *options = rest.split(";")
-        cmd = ["recsys", "serve", "--store", str(store), "--port", str(self.port)]
+        cmd = [sys.executable, "-m", "recsys_cli.main", "serve", "--store", str(store),
+               "--port", str(self.port)]  # fmt: skip
         for v in variants.split(","):
             cmd += ["--variant", v]
         for option in options:  # e.g. batch__max_batch_size=1
             key, _, value = option.partition("=")
+            if key == "code":  # another checkout of the service (e.g. the previous commit)
+                env["PYTHONPATH"] = self.cwd = value  # `python -m` puts the cwd first
+                continue
             env[f"RECSYS_{key.upper()}"] = value
         env.setdefault("RECSYS_LOG_LEVEL", "warning")
         return cmd, env
@@ -208,7 +215,7 @@ def main() -> None:
             log = open(Path("/tmp") / f"{args.name}-{s.label}.log", "w")  # noqa: SIM115
             pinned = ["taskset", "-c", args.server_cpus, *cmd]
             s.proc = subprocess.Popen(pinned, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                      start_new_session=True)  # fmt: skip
+                                      start_new_session=True, cwd=s.cwd)  # fmt: skip
         for s in scenarios:
             wait_ready(s.port, first_body)
             run_wrk(s.port, bodies, args.connections, 2, args.wrk_cpus)  # warm-up, discarded

@@ -56,17 +56,18 @@ def test_answer_is_the_models_top_k_with_history_excluded(
     scores = reference_scores(serving_store, "tiny@1", [h - 999 for h in history])
     scores[0] = -np.inf
     scores[[h - 999 for h in history]] = -np.inf
-    want = [int(i) + 999 for i in np.argsort(-scores)[:5]]
+    want = [str(int(i) + 999) for i in np.argsort(-scores)[:5]]  # ids are strings
     assert [i["item_id"] for i in got["items"]] == want
     assert [i["score"] for i in got["items"]] == pytest.approx(np.sort(scores)[::-1][:5], 1e-5)
 
 
 def test_exclude_history_false_may_return_history_items(client: TestClient) -> None:
     history = list(range(1000, 1000 + N_ITEMS - 3))
+    sent = {str(i) for i in history}
     got = recommend(client, history=history, k=10, exclude_history=False, variant="full")
-    assert len(got["items"]) == 10 and set(i["item_id"] for i in got["items"]) & set(history)
+    assert len(got["items"]) == 10 and set(i["item_id"] for i in got["items"]) & sent
     got = recommend(client, history=history, k=10, variant="full")
-    assert len(got["items"]) == 3 and not set(i["item_id"] for i in got["items"]) & set(history)
+    assert len(got["items"]) == 3 and not set(i["item_id"] for i in got["items"]) & sent
 
 
 def test_unknown_items_are_dropped_and_counted(client: TestClient) -> None:
@@ -80,7 +81,7 @@ def test_unknown_items_are_dropped_and_counted(client: TestClient) -> None:
 def test_no_known_history_gets_popular_items(client: TestClient, history: list[int]) -> None:
     got = recommend(client, history=history, k=3)
     assert got["source"] == "popular"
-    assert [i["item_id"] for i in got["items"]] == [1039, 1000, 1001]
+    assert [i["item_id"] for i in got["items"]] == ["1039", "1000", "1001"]
 
 
 def test_long_histories_keep_the_most_recent_items(client: TestClient) -> None:
@@ -126,12 +127,11 @@ def error_of(r) -> dict:  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize(
     "body, status, fragment",
     [
-        ({"user_id": "u", "history": ["x"]}, 422, "history.0"),
+        ({"user_id": "u", "history": [""]}, 422, "history.0: String should have at least 1"),
+        ({"user_id": "u", "history": [True]}, 422, "history.0: Input should be a valid integer"),
         ({"user_id": "u", "history": [-1]}, 422, "history.0"),
         ({"user_id": "u", "history": [1.5]}, 422, "history.0"),
         ({"user_id": "u", "history": [1], "k": 0}, 422, "k: "),
-        ({"user_id": "u", "history": [1], "k": N_ITEMS + 1, "variant": "full"}, 422,
-         "catalogue size 40"),
         ({"user_id": "u", "history": list(range(51))}, 422, "limit is 50"),
         ({"history": [1]}, 422, "user_id: Field required"),
         ({"user_id": "u", "history": [1], "variant": "nope"}, 404, "unknown variant 'nope'"),

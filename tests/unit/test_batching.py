@@ -176,3 +176,163 @@ def test_deadline_is_enforced_in_the_queue_and_during_compute() -> None:
     assert all(isinstance(o, DeadlineError) for o in outcomes)
     assert rec.batches == [[0]]  # the expired request never reached the engine
     assert dropped.count("deadline") >= 2
+
+
+# -- batch only while busy -----------------------------------------------------------------------
+
+
+def test_a_lone_request_goes_at_once_and_batches_form_while_the_engine_is_busy() -> None:
+    """Slot free: the first request is its own batch with no wait (even with max_wait_s=0 a
+    timer-based batcher would hold it). Slot busy: the next ones queue and leave together."""
+    rec = Recorder()
+    rec.gate.clear()
+
+    async def scenario(b):  # type: ignore[no-untyped-def]
+        first = asyncio.create_task(b.submit(1, 5.0))
+        await asyncio.sleep(0.05)  # the first is in the engine (held by the gate)
+        assert b.depth == 0
+        rest = [asyncio.create_task(b.submit(i, 5.0)) for i in range(2, 7)]
+        await asyncio.sleep(0.05)
+        assert b.depth == 5  # the only slot is busy: they wait together
+        rec.gate.set()
+        return await asyncio.gather(first, *rest)
+
+    results, _ = run(scenario, rec, max_batch_size=8, max_inflight_batches=1)
+    assert results == [10, 20, 30, 40, 50, 60]
+    assert rec.batches == [[1], [2, 3, 4, 5, 6]]
+
+
+def test_the_default_policy_has_no_timer() -> None:
+    assert BatcherConfig().max_wait_s == 0.0
+
+
+# -- dead requests leave the accounting ------------------------------------------------------------
+
+
+def test_cancelled_and_expired_requests_stop_counting_at_once() -> None:
+    """A full queue of requests whose callers left must not refuse new work."""
+    rec = Recorder()
+    rec.gate.clear()
+
+    async def scenario(b):  # type: ignore[no-untyped-def]
+        blocker = asyncio.create_task(b.submit(0, 5.0))
+        await asyncio.sleep(0.02)
+        gone = [asyncio.create_task(b.submit(i, 5.0)) for i in range(1, 5)]
+        short = [asyncio.create_task(b.submit(i, 0.05)) for i in range(5, 9)]
+        await asyncio.sleep(0.02)
+        assert b.depth == 8 and b.full
+        with pytest.raises(QueueFullError):
+            await b.submit(99, 5.0)
+        for t in gone:
+            t.cancel()
+        await asyncio.sleep(0.001)
+        assert b.depth == 4  # cancelled ones left at once, not when the consumer reaches them
+        await asyncio.sleep(0.1)  # the short deadlines expire
+        assert b.depth == 0 and not b.full
+        kept = [asyncio.create_task(b.submit(i, 5.0)) for i in range(10, 18)]
+        await asyncio.sleep(0.01)
+        assert b.depth == 8
+        rec.gate.set()
+        out = await asyncio.gather(blocker, *kept)
+        for t in short:
+            with pytest.raises(DeadlineError):
+                await t
+        return out
+
+    results, dropped = run(
+        scenario, rec, max_batch_size=8, max_queue_size=8, max_inflight_batches=1
+    )
+    assert results == [0, *range(100, 180, 10)]
+    assert sorted(dropped) == ["cancelled"] * 4 + ["deadline"] * 4
+    assert all(p not in b for b in rec.batches for p in range(1, 9))  # dead ones never ran
+
+
+def test_the_admission_limit_follows_the_measured_engine_speed() -> None:
+    """Refuse what cannot be drained within max_queue_delay_s: 20 ms per request, 2 slots and
+    a 0.5 s budget admit 50 waiting requests, not max_queue_size."""
+    rec = Recorder(sleep_s=0.02)
+
+    async def scenario(b):  # type: ignore[no-untyped-def]
+        for i in range(12):
+            await b.submit(i, 5.0)  # one at a time: batches of 1, ~20 ms each
+        return b.limit
+
+    limit, _ = run(
+        scenario, rec, max_batch_size=4, max_queue_size=1000, max_inflight_batches=2,
+        max_queue_delay_s=0.5,
+    )  # fmt: skip
+    assert 35 <= limit <= 55  # 2 / 0.02 s * 0.5 s = 50, with the EWMA still converging
+
+
+# -- supervised consumer ---------------------------------------------------------------------------
+
+
+def test_a_crashed_consumer_is_reported_counted_and_restarted() -> None:
+    rec = Recorder()
+    restarts: list[int] = []
+
+    async def main():  # type: ignore[no-untyped-def]
+        with ThreadPoolExecutor(4) as pool:
+            observer = BatchObserver(restarted=lambda: restarts.append(1))
+            b = DynamicBatcher("v", rec, pool, BatcherConfig(restart_backoff_s=0.2), observer)
+            original = b._next_batch
+            calls = {"n": 0}
+
+            async def crash_once():  # type: ignore[no-untyped-def]
+                calls["n"] += 1
+                if calls["n"] == 1:
+                    raise RuntimeError("consumer bug")
+                return await original()
+
+            b._next_batch = crash_once  # type: ignore[method-assign]
+            b.start()
+            pending = asyncio.create_task(b.submit(3, 5.0))
+            await asyncio.sleep(0.05)
+            seen = (b.healthy, b.failure)
+            result = await pending  # queued requests survive the crash
+            healthy_after = b.healthy
+            await b.close(drain_timeout_s=1)
+            return seen, result, healthy_after
+
+    (healthy, failure), result, healthy_after = asyncio.run(main())
+    assert not healthy and "consumer bug" in failure
+    assert result == 30 and healthy_after and restarts == [1]
+
+
+# -- shadow lane -----------------------------------------------------------------------------------
+
+
+def test_shadow_requests_never_take_live_capacity() -> None:
+    """Shadow work does not count toward admission, never runs while live work waits, and
+    is dropped (None) when its own lane is full."""
+    rec = Recorder()
+    rec.gate.clear()
+    dropped_shadow: list[int] = []
+
+    async def main():  # type: ignore[no-untyped-def]
+        with ThreadPoolExecutor(4) as pool:
+            observer = BatchObserver(shadow_dropped=lambda: dropped_shadow.append(1))
+            config = BatcherConfig(
+                max_batch_size=4, max_queue_size=4, max_inflight_batches=1, shadow_queue_size=2
+            )
+            b = DynamicBatcher("v", rec, pool, config, observer)
+            b.start()
+            live0 = asyncio.create_task(b.submit(1, 5.0))  # occupies the only live slot
+            await asyncio.sleep(0.02)
+            live = [asyncio.create_task(b.submit(i, 5.0)) for i in range(2, 6)]
+            await asyncio.sleep(0.02)
+            shadows = [asyncio.create_task(b.submit_shadow(100 + i, 5.0)) for i in range(3)]
+            await asyncio.sleep(0.02)
+            depth, full = b.depth, b.full
+            assert len(b._shadow) == 2  # not dispatched while live requests wait
+            rec.gate.set()
+            out = await asyncio.gather(live0, *live, *shadows)
+            await b.close(drain_timeout_s=1)
+            return depth, full, out
+
+    depth, full, out = asyncio.run(main())
+    assert depth == 4 and full  # the 4 live ones; the 2 queued shadows do not count
+    assert out[:5] == [10, 20, 30, 40, 50]
+    assert sorted(x for x in out[5:] if x is not None) == [1000, 1010] and None in out[5:]
+    assert dropped_shadow == [1]
+    assert [1] in rec.batches and [2, 3, 4, 5] in rec.batches and [100, 101] in rec.batches
