@@ -120,6 +120,7 @@ class Service:
             max_queue_size=b.max_queue_size,
             max_inflight_batches=b.max_inflight_batches,
             max_queue_delay_s=b.max_queue_delay_s,
+            inline_when_idle=b.inline_when_idle,
         )
         m.queue_capacity.labels(name).set(b.max_queue_size)
         batcher = DynamicBatcher(name, model.run_batch, self.executor, config, observer)

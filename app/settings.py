@@ -30,6 +30,10 @@ class BatchSettings(BaseModel):
     # deadline under overload instead of timing out; max_queue_size caps it.
     max_queue_delay_s: float = Field(0.25, gt=0.0, le=60.0)
     max_queue_size: int = Field(1024, ge=1)
+    # A lone request on an idle engine is computed on the event loop, not handed to a worker
+    # thread and back (two thread wake-ups); off for engines slower than ~1 ms per request,
+    # where the loop would stop parsing for that long.
+    inline_when_idle: bool = True
     # Batches computing at once per variant: >1 overlaps padding/top-k with inference.
     max_inflight_batches: int = Field(2, ge=1, le=64)
     length_buckets: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 200])

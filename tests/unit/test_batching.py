@@ -44,6 +44,8 @@ def run(coro_fn, recorder: Recorder, **config):  # type: ignore[no-untyped-def]
     async def main():  # type: ignore[no-untyped-def]
         with ThreadPoolExecutor(4) as pool:
             dropped: list[str] = []
+            # The recorder blocks on its gate: compute in the pool, never on the loop.
+            config.setdefault("inline_when_idle", False)
             batcher = DynamicBatcher(
                 "v", recorder, pool, BatcherConfig(**config), BatchObserver(dropped=dropped.append)
             )
@@ -274,7 +276,8 @@ def test_a_crashed_consumer_is_reported_counted_and_restarted() -> None:
     async def main():  # type: ignore[no-untyped-def]
         with ThreadPoolExecutor(4) as pool:
             observer = BatchObserver(restarted=lambda: restarts.append(1))
-            b = DynamicBatcher("v", rec, pool, BatcherConfig(restart_backoff_s=0.2), observer)
+            config = BatcherConfig(restart_backoff_s=0.2, inline_when_idle=False)
+            b = DynamicBatcher("v", rec, pool, config, observer)
             original = b._next_batch
             calls = {"n": 0}
 
@@ -313,7 +316,11 @@ def test_shadow_requests_never_take_live_capacity() -> None:
         with ThreadPoolExecutor(4) as pool:
             observer = BatchObserver(shadow_dropped=lambda: dropped_shadow.append(1))
             config = BatcherConfig(
-                max_batch_size=4, max_queue_size=4, max_inflight_batches=1, shadow_queue_size=2
+                max_batch_size=4,
+                max_queue_size=4,
+                max_inflight_batches=1,
+                shadow_queue_size=2,
+                inline_when_idle=False,
             )
             b = DynamicBatcher("v", rec, pool, config, observer)
             b.start()
@@ -336,3 +343,27 @@ def test_shadow_requests_never_take_live_capacity() -> None:
     assert sorted(x for x in out[5:] if x is not None) == [1000, 1010] and None in out[5:]
     assert dropped_shadow == [1]
     assert [1] in rec.batches and [2, 3, 4, 5] in rec.batches and [100, 101] in rec.batches
+
+
+def test_a_lone_request_on_an_idle_engine_is_computed_on_the_loop() -> None:
+    """No thread hand-off for a lone request on an idle engine; batches still go to the pool."""
+    threads: list[str] = []
+
+    def record(payloads: Sequence[int]) -> list[int]:
+        threads.append(threading.current_thread().name)
+        time.sleep(0.02)
+        return [p * 10 for p in payloads]
+
+    async def main():  # type: ignore[no-untyped-def]
+        with ThreadPoolExecutor(2, thread_name_prefix="pool") as pool:
+            b = DynamicBatcher("v", record, pool, BatcherConfig(max_inflight_batches=1))
+            b.start()
+            alone = await b.submit(1, 5.0)
+            together = await asyncio.gather(*(b.submit(i, 5.0) for i in range(2, 6)))
+            await b.close(drain_timeout_s=1)
+            return alone, together
+
+    alone, together = asyncio.run(main())
+    assert alone == 10 and together == [20, 30, 40, 50]
+    assert threads[0] == threading.main_thread().name
+    assert any(t.startswith("pool") for t in threads[1:])  # a batch of several went out
