@@ -39,6 +39,7 @@ from model_store import DatasetInfo, ModelStore
 from model_store.item_ids import ItemIdError, check_item_ids, is_canonical_decimal, item_id_key
 from tests.conftest import quick_train
 from tests.integration.conftest import wait_ready
+from tests.unit.test_item_mapping import mapping
 
 # A shop's catalogue: leading zeros, ASINs/SKUs, case-distinct SKUs, plain numbers.
 CATALOGUE = [
@@ -143,18 +144,7 @@ def test_requests_take_strings_and_integers_but_nothing_else() -> None:
 # -- the service's mapping -------------------------------------------------------------------
 
 
-def loaded(tmp_path: Path, item_ids: list) -> LoadedModel:
-    path = tmp_path / "items.json"
-    payload = {
-        "format": "recsys-item-mapping/1",
-        "item_ids": item_ids,
-        "counts": [1] * len(item_ids),
-    }
-    path.write_text(json.dumps(payload))
-    model = LoadedModel.__new__(LoadedModel)
-    model.n_items = len(item_ids)
-    model._load_items(path)
-    return model
+loaded = mapping  # the service's id mapping alone, from an items.json (test_item_mapping)
 
 
 def test_ints_are_their_decimal_strings_and_strings_match_exactly(tmp_path: Path) -> None:
