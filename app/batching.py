@@ -117,7 +117,8 @@ class DynamicBatcher(Generic[P, R]):
         self._inflight: set[asyncio.Task[None]] = set()
         self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
-        self._per_request_s = _INITIAL_PER_REQUEST_S
+        self._per_request_s = _INITIAL_PER_REQUEST_S  # engine time per request, measured
+        self._last_done_s = 0.0  # when the latest live batch finished
         self.failure: str | None = None  # why the consumer is not running, while restarting
         self.restarts = 0
 
@@ -139,8 +140,27 @@ class DynamicBatcher(Generic[P, R]):
     def limit(self) -> int:
         """How many live requests may wait: what the engine drains in `max_queue_delay_s`."""
         c = self.config
-        drain_per_s = c.max_inflight_batches / max(self._per_request_s, 1e-6)
-        return max(c.max_batch_size, min(c.max_queue_size, int(drain_per_s * c.max_queue_delay_s)))
+        admitted = int(self.drain_per_s * c.max_queue_delay_s)
+        return max(c.max_batch_size, min(c.max_queue_size, admitted))
+
+    def _measured(self, size: int, started_s: float) -> None:
+        """Update the engine's cost per request from a finished live batch.
+
+        The cost is the wall time this batch added since the previous one finished (or since
+        it started, if the engine was idle), per request: with several batches in flight on
+        shared cores that is the real drain rate, not one batch's compute time (measured in
+        a retry storm: counting 2 slots as twice the speed admitted twice what could be
+        served in time, and half the computed answers came after their deadline)."""
+        now = time.perf_counter()
+        interval_s = now - max(started_s, self._last_done_s)
+        self._last_done_s = now
+        self._per_request_s += _EWMA * (interval_s / size - self._per_request_s)
+        self.observer.queue_limit(self.limit)
+
+    @property
+    def drain_per_s(self) -> float:
+        """Requests per second the engine finishes, as measured (`_measured`)."""
+        return 1.0 / max(self._per_request_s, 1e-6)
 
     @property
     def full(self) -> bool:
@@ -346,8 +366,7 @@ class DynamicBatcher(Generic[P, R]):
             if live:
                 self._slots.release()
                 self.observer.batch(len(batch), compute_s)
-                self._per_request_s += _EWMA * (compute_s / len(batch) - self._per_request_s)
-                self.observer.queue_limit(self.limit)
+                self._measured(len(batch), started)
 
     def _run_inline(self, item: _Pending[P]) -> None:
         started = time.perf_counter()
@@ -364,8 +383,7 @@ class DynamicBatcher(Generic[P, R]):
             self._slots.release()
             compute_s = time.perf_counter() - started
             self.observer.batch(1, compute_s)
-            self._per_request_s += _EWMA * (compute_s - self._per_request_s)
-            self.observer.queue_limit(self.limit)
+            self._measured(1, started)
 
     async def close(self, drain_timeout_s: float = 10.0) -> None:
         """Stop taking requests, finish what is queued and in flight, then stop."""

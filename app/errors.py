@@ -6,6 +6,7 @@ parsing and non-JSON bodies (415) on the JSON endpoints.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from typing import Any
@@ -163,9 +164,12 @@ class BodyGuard:
         if self.json_routes is not None and route not in self.json_routes:
             await self.app(scope, receive, send)  # the router answers 404 or 405
             return
-        if scope["path"].startswith("/v1/recommend") and self._saturated(scope):
+        if scope["path"].startswith("/v1/recommend") and (delay_s := self._saturated(scope)) >= 0:
             # Refused before the body is read or parsed: under overload, parsing the excess
-            # would take the CPU that the accepted requests and health checks need.
+            # would take the CPU that the accepted requests and health checks need. Past the
+            # refusal pace (app/overload.py) the answer waits its turn: a timer, not CPU.
+            if delay_s > 0:
+                await asyncio.sleep(delay_s)
             await self._reject(
                 send, 429, "overloaded", "every variant's queue is full; retry later",
                 [(b"retry-after", b"1")],
@@ -204,15 +208,16 @@ class BodyGuard:
         await self.app(scope, replay, send)
 
     @staticmethod
-    def _saturated(scope: Scope) -> bool:
+    def _saturated(scope: Scope) -> float:
+        """-1 when the request may go on; else how long its refusal waits (seconds)."""
         state = getattr(scope.get("app"), "state", None)
         service = getattr(state, "service", None)
-        if service is None:
-            return False
-        if service.saturated():
-            service.metrics.rejected.labels("none", "queue_full").inc()
-            return True
-        return False
+        if service is None or not service.saturated():
+            return -1.0
+        service.metrics.rejected.labels("none", "queue_full").inc()
+        delay_s = service.refusals.delay_s(scope.get("client"))
+        service.metrics.refusal_delay.observe(delay_s)
+        return delay_s
 
     @staticmethod
     async def _reject(

@@ -53,6 +53,11 @@ class Metrics:
             "max_queue_delay_s at its measured speed, capped by max_queue_size",
             ["variant"], registry=r,
         )  # fmt: skip
+        self.refusal_delay = Histogram(
+            "recsys_refusal_delay_seconds", "How long a refusal (429) was held before it was "
+            "sent: 0 within the refusal pace, more in a retry storm (app/overload.py)",
+            buckets=LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
         self.batcher_restarts = Counter(
             "recsys_batcher_restarts", "Batch consumer crashes (each restarted)", ["variant"],
             registry=r,

@@ -21,6 +21,7 @@ from app.batching import BatcherConfig, BatchObserver, DynamicBatcher
 from app.engines import TorchModuleFactory
 from app.metrics import Metrics
 from app.model import LoadedModel, Query, Ranked
+from app.overload import RefusalPacer
 from app.routing import Router
 from app.settings import Settings
 from model_store import ModelStore
@@ -68,6 +69,7 @@ class Service:
             initializer=_lower_priority,
             initargs=(settings.inference_nice,),
         )
+        self.refusals = RefusalPacer(self.served_per_s)
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
 
@@ -83,6 +85,10 @@ class Service:
     @property
     def ready(self) -> bool:
         return self.not_ready_reason is None
+
+    def served_per_s(self) -> float:
+        """What the variants' engines drain per second, as measured."""
+        return sum(v.batcher.drain_per_s for v in self.variants.values())
 
     def saturated(self) -> bool:
         """Every variant is at its admission limit: a request would be refused anywhere."""

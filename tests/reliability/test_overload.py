@@ -17,9 +17,13 @@ queues."""
 
 from __future__ import annotations
 
+import collections
+import csv
+import io
 import json
 import re
 import statistics
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -32,6 +36,7 @@ from compression.model import SASRec
 from model_store import ModelStore
 from tests.integration.conftest import COUNTS, N_ITEMS, ORIGINAL_IDS
 from tests.reliability.live import (
+    _on,
     get,
     hey_open_loop,
     need,
@@ -157,7 +162,9 @@ def test_four_times_capacity_for_30_s(tmp_path: Path) -> None:
     }  # fmt: skip
     print(f"overload: {figures}")  # the README quotes these figures
     assert len(rows) > 2 * capacity * OVERLOAD_S  # really offered well above capacity
-    assert refused and len(ok) > 0.5 * capacity * OVERLOAD_S
+    # Goodput: measured 82-83% of capacity (docs/results/2026-12-06-serving-batcher.md);
+    # 70% leaves room for this noisy machine and still fails a starved engine.
+    assert refused and len(ok) > 0.7 * capacity * OVERLOAD_S, figures
     assert all(status == 200 for status, _ in health) and figures["health_max_s"] < 1.0
     assert figures["rss_growth_mb"] <= 100
     # A refusal does no model work, so it must be far faster than a served request: 10 ms,
@@ -168,3 +175,71 @@ def test_four_times_capacity_for_30_s(tmp_path: Path) -> None:
     assert not [c for c in other if c != "504"], figures  # nothing but deadline misses
     assert retry_after and all(v.isdigit() and int(v) >= 1 for v in retry_after)
     assert after["rps"] >= 0.8 * capacity and after["non_2xx"] == 0, figures
+
+
+STORM_S = 15
+
+
+def test_a_retry_storm_keeps_goodput(tmp_path: Path) -> None:
+    """512 clients that resend at once after every 429 (hey's closed loop ignores
+    Retry-After), on the service's own core. Before refusal pacing this served 0.3% of
+    capacity: the event loop spent the core refusing and inference starved. Now retries wait
+    their turn (a timer, no CPU), so the engine keeps most of the core."""
+    need("wrk", "hey")
+    split = split_cpus()
+    if split is None:
+        pytest.skip("needs 2 CPUs: one for the service, the others for the load generator")
+    service_cpus, load_cpus = split
+    env = {
+        "RECSYS_REQUEST_TIMEOUT_S": str(DEADLINE_S),
+        "RECSYS_BATCH__MAX_QUEUE_SIZE": "128",
+        "RECSYS_BATCH__MAX_BATCH_SIZE": "32",
+    }
+    body_file = bodies(tmp_path / "bodies.jsonl")
+    (tmp_path / "one.json").write_text(body_file.read_text().splitlines()[5])
+    store = heavy_store(tmp_path)
+    with serve(store, env, ["--variant", "full=heavy@1"]) as (base, pid):
+        pin(pid, service_cpus)
+        url = f"{base}/v1/recommend"
+        capacity = wrk(url, body_file, 32, 4, LUA, cpus=load_cpus)["rps"]
+        rss_before = rss_bytes(pid)
+        health: list[int] = []
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                try:
+                    health.append(get(f"{base}/healthz", 2)[0])
+                except OSError:
+                    health.append(0)
+                time.sleep(0.5)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        cmd = [*_on(load_cpus), "hey", "-z", f"{STORM_S}s", "-c", "512", "-m", "POST", "-T",
+               "application/json", "-D", str(tmp_path / "one.json"), "-o", "csv", url]  # fmt: skip
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=STORM_S + 60)
+        finally:
+            stop.set()
+            watcher.join()
+        rss_growth_mb = (rss_bytes(pid) - rss_before) / 1e6
+        metrics = get(f"{base}/metrics")[2].decode()
+    rows = list(csv.DictReader(io.StringIO(out.stdout)))
+    statuses = collections.Counter(r["status-code"] for r in rows)
+    held = re.search(r'recsys_refusal_delay_seconds_bucket\{le="0.0001"\} (\S+)', metrics)
+    total = re.search(r"recsys_refusal_delay_seconds_count (\S+)", metrics)
+    figures = {
+        "capacity_rps": round(capacity), "sent": len(rows), "statuses": dict(statuses),
+        "goodput_rps": round(statuses["200"] / STORM_S),
+        "goodput_share": round(statuses["200"] / STORM_S / capacity, 3),
+        "refusals_held": float(total.group(1)) - float(held.group(1)),  # type: ignore[union-attr]
+        "rss_growth_mb": round(rss_growth_mb, 1), "health": collections.Counter(health),
+    }  # fmt: skip
+    print(f"retry storm: {figures}")
+    assert figures["goodput_share"] >= 0.6, figures  # measured 0.82 (was 0.003)
+    assert figures["refusals_held"] > 0, figures  # the pacing did the work
+    assert statuses["504"] <= 0.02 * statuses["200"], figures  # accepted work meets deadlines
+    assert set(statuses) <= {"200", "429", "504"}, figures
+    assert health and set(health) == {200}, figures
+    assert rss_growth_mb <= 100, figures
