@@ -250,8 +250,10 @@ def test_cancelled_and_expired_requests_stop_counting_at_once() -> None:
 
 
 def test_the_admission_limit_follows_the_measured_engine_speed() -> None:
-    """Refuse what cannot be drained within max_queue_delay_s: 20 ms per request, 2 slots and
-    a 0.5 s budget admit 50 waiting requests, not max_queue_size."""
+    """Refuse what cannot be drained within max_queue_delay_s: 20 ms per request and a 0.5 s
+    budget admit 25 waiting requests, not max_queue_size. (Slots do not multiply it: the
+    drain rate is measured as wall time per finished request, which is what two batches
+    sharing one core really deliver.)"""
     rec = Recorder(sleep_s=0.02)
 
     async def scenario(b):  # type: ignore[no-untyped-def]
@@ -263,7 +265,7 @@ def test_the_admission_limit_follows_the_measured_engine_speed() -> None:
         scenario, rec, max_batch_size=4, max_queue_size=1000, max_inflight_batches=2,
         max_queue_delay_s=0.5,
     )  # fmt: skip
-    assert 35 <= limit <= 55  # 2 / 0.02 s * 0.5 s = 50, with the EWMA still converging
+    assert 18 <= limit <= 28  # 0.5 s / 0.02 s = 25, with the EWMA still converging
 
 
 # -- supervised consumer ---------------------------------------------------------------------------
