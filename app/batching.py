@@ -307,10 +307,18 @@ class DynamicBatcher(Generic[P, R]):
             # queueing (the next batch grows), and none leaves the queue to wait where a
             # deadline or a cancellation could no longer be honoured.
             await self._slots.acquire()
+            batch: list[_Pending[P]] = []
             try:
-                batch = self._started(await self._next_batch())
-            except BaseException:
+                batch = await self._next_batch()
+                batch = self._started(batch)
+            except BaseException as exc:
                 self._slots.release()
+                # What was taken out of the queue must not wait for a deadline: settle it
+                # now with the error (a 500 at once, not a 504 a second later).
+                error = exc if isinstance(exc, Exception) else BatcherClosedError(self.name)
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(error)
                 raise
             self.observer.queue_depth(self._live)
             if not batch:

@@ -181,6 +181,47 @@ def test_an_engine_failure_is_a_500_with_request_id_and_the_next_batch_succeeds(
     assert 'recsys_requests_total{status="error",variant="full"} 1.0' in client.get("/metrics").text
 
 
+def test_a_crashed_batch_consumer_is_restarted_and_readiness_tells_meanwhile(
+    client: TestClient,
+) -> None:
+    """The consumer task dies (a bug, not an engine error): the request it held fails at
+    once (500, not a 504 at its deadline), /readyz says why while it restarts, the crash is
+    counted, and the restarted consumer serves again."""
+    batcher = client.app.state.service.variants["full"].batcher  # type: ignore[attr-defined]
+    batcher.config.restart_backoff_s = 0.5
+    original, calls = batcher._started, {"n": 0}
+
+    def crash_once(batch):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("consumer bug")
+        return original(batch)
+
+    batcher._started = crash_once
+    # A consumer already waiting for work looked `_started` up before the patch: then the
+    # first request is served as usual and the next one meets the bug.
+    outcomes = []
+    for _ in range(3):
+        started = time.perf_counter()
+        r = client.post("/v1/recommend", json={"user_id": "u", "history": [1001],
+                                               "variant": "full"})  # fmt: skip
+        outcomes.append((r.status_code, time.perf_counter() - started))
+        if r.status_code == 500:
+            break
+    assert [s for s, _ in outcomes[:-1]] == [200] * (len(outcomes) - 1), outcomes
+    assert outcomes[-1][0] == 500 and outcomes[-1][1] < 0.5, outcomes
+    r = client.get("/readyz")
+    assert r.status_code == 503 and "consumer crashed" in error_of(r)["error"], r.text
+    for _ in range(200):
+        if client.get("/readyz").status_code == 200:
+            break
+        time.sleep(0.01)
+    assert client.get("/readyz").status_code == 200
+    assert recommend(client, history=[1001], variant="full")["source"] == "model"
+    metrics = client.get("/metrics").text
+    assert 'recsys_batcher_restarts_total{variant="full"} 1.0' in metrics
+
+
 def test_variants_health_readiness_compare(client: TestClient) -> None:
     v = client.get("/v1/variants").json()["variants"]
     assert v["full"]["model"] == "tiny" and v["full"]["engine"] == "onnxruntime-cpu"

@@ -61,7 +61,8 @@ function done(summary, latency, requests)
   io.write(string.format(
     'WRK_JSON {"requests": %d, "duration_us": %d, "non_2xx": %d, "socket_errors": %d, '
       .. '"ok": %d, "bad_status": %d, "consistent": %d, "inconsistent": %d, '
-      .. '"versions": {%s}}\n',
+      .. '"p50_us": %d, "p99_us": %d, "versions": {%s}}\n',
     summary.requests, summary.duration, e.status, e.connect + e.read + e.write + e.timeout,
-    total.ok, total.bad_status, total.consistent, total.inconsistent, table.concat(parts, ", ")))
+    total.ok, total.bad_status, total.consistent, total.inconsistent,
+    latency:percentile(50), latency:percentile(99), table.concat(parts, ", ")))
 end
