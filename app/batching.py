@@ -93,6 +93,7 @@ class BatcherConfig:
 
 # Until the first batches are measured the adaptive limit assumes this per-request cost.
 _INITIAL_PER_REQUEST_S = 0.001
+SHADOW_BATCH_SIZE = 4
 _EWMA = 0.2  # weight of the newest batch in the per-request cost estimate
 
 
@@ -105,6 +106,8 @@ class DynamicBatcher(Generic[P, R]):
     executor: Executor
     config: BatcherConfig = field(default_factory=BatcherConfig)
     observer: BatchObserver = field(default_factory=BatchObserver)
+    # Where shadow batches run (the service's idle-priority thread); None: `executor`.
+    shadow_executor: Executor | None = None
 
     def __post_init__(self) -> None:
         self._queue: collections.deque[_Pending[P]] = collections.deque()
@@ -345,7 +348,8 @@ class DynamicBatcher(Generic[P, R]):
                 self._shadow_wakeup.clear()
                 await self._shadow_wakeup.wait()
                 continue
-            batch = self._started(self._pop(self._shadow, self.config.max_batch_size))
+            # Small shadow batches: each is a slice of CPU the live path may want back soon.
+            batch = self._started(self._pop(self._shadow, SHADOW_BATCH_SIZE))
             if batch:
                 await self._run(batch, live=False)
 
@@ -354,7 +358,9 @@ class DynamicBatcher(Generic[P, R]):
         started = time.perf_counter()
         try:
             results = await loop.run_in_executor(
-                self.executor, self.run_batch, [item.payload for item in batch]
+                self.executor if live or self.shadow_executor is None else self.shadow_executor,
+                self.run_batch,
+                [item.payload for item in batch],
             )
             if len(results) != len(batch):
                 raise RuntimeError(f"engine returned {len(results)} results for {len(batch)}")

@@ -63,11 +63,17 @@ class Service:
         self._load_failure: str | None = "starting: variants not loaded yet"
         n_variants = max(1, len(settings.variants))
         self.executor = ThreadPoolExecutor(
-            # live slots and one shadow slot per variant, plus one for loading
-            max_workers=n_variants * (settings.batch.max_inflight_batches + 1) + 1,
+            # the live slots of every variant, plus one for loading
+            max_workers=n_variants * settings.batch.max_inflight_batches + 1,
             thread_name_prefix="inference",
             initializer=_lower_priority,
             initargs=(settings.inference_nice,),
+        )
+        # Shadow inference only on CPU nobody else wants (SCHED_IDLE): on the measured
+        # machine a slow candidate at fraction 0.5 otherwise cost the live variant 17% of
+        # its throughput and 20% on p99 (docs/results/2026-12-06-serving-batcher.md).
+        self.shadow_executor = ThreadPoolExecutor(
+            max_workers=n_variants, thread_name_prefix="shadow", initializer=_idle_priority
         )
         self.refusals = RefusalPacer(self.served_per_s)
         self._reload_lock = asyncio.Lock()
@@ -129,7 +135,9 @@ class Service:
             inline_when_idle=b.inline_when_idle,
         )
         m.queue_capacity.labels(name).set(b.max_queue_size)
-        batcher = DynamicBatcher(name, model.run_batch, self.executor, config, observer)
+        batcher = DynamicBatcher(
+            name, model.run_batch, self.executor, config, observer, self.shadow_executor
+        )
         batcher.start()
         return Variant(name, model, batcher)
 
@@ -207,6 +215,7 @@ class Service:
         for task in list(self._background):
             task.cancel()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.shadow_executor.shutdown(wait=False, cancel_futures=True)
 
     def _spawn(self, coro: object) -> None:
         task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
@@ -266,6 +275,16 @@ class Service:
         self.metrics.shadow_duration.labels(candidate).observe(time.perf_counter() - started)
         agreement = top_k_overlap(served.ranked.items, ranked.items)
         self.metrics.shadow_agreement.labels(served.variant, candidate).observe(agreement)
+
+
+def _idle_priority() -> None:
+    """SCHED_IDLE for a shadow thread (and the ORT threads it starts): it runs only when no
+    other thread of the machine wants the CPU. No privilege needed; Linux only."""
+    if hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE"):
+        try:
+            os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+        except OSError as exc:
+            log.warning("could not give shadow threads idle priority: %s", exc)
 
 
 def _lower_priority(nice: int) -> None:
