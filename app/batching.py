@@ -174,7 +174,8 @@ class DynamicBatcher(Generic[P, R]):
         return self.failure is None
 
     def _left(self, item: _Pending[P]) -> None:
-        """A queued request's future is done before dispatch: it no longer counts."""
+        """A queued request's caller is gone before dispatch: it no longer counts. (No done
+        callback on every future: that was one more event-loop callback per request.)"""
         if item.queued:
             item.queued = False
             self._live -= 1
@@ -196,13 +197,15 @@ class DynamicBatcher(Generic[P, R]):
         item = self._enqueue(self._queue, payload, timeout_s)
         self._live += 1
         self.observer.queue_depth(self._live)
-        item.future.add_done_callback(lambda _: self._left(item))
         self._wakeup.set()
         self._callers += 1
         try:
             return await self._wait(item, timeout_s)
         finally:
             self._callers -= 1
+            # Still queued here means the caller went away (cancelled): stop counting it now.
+            # (An expiry is uncounted by `_expire`; a result means it left the queue.)
+            self._left(item)
 
     async def submit_shadow(self, payload: P, timeout_s: float) -> R | None:
         """Run a shadow copy when the engine has room; None when dropped (lane full)."""
@@ -236,6 +239,7 @@ class DynamicBatcher(Generic[P, R]):
         if not item.future.done():
             self.observer.dropped("deadline")
             item.future.set_exception(DeadlineError(f"no result within {timeout_s:.3f} s"))
+            self._left(item)
 
     # -- consuming ------------------------------------------------------------------------
 
