@@ -76,6 +76,7 @@ class BatchObserver:
     queue_limit: Callable[[int], None] = lambda limit: None
     restarted: Callable[[], None] = lambda: None
     shadow_dropped: Callable[[], None] = lambda: None
+    health: Callable[[bool], None] = lambda ok: None  # the consumer stopped / runs again
 
 
 @dataclass
@@ -121,6 +122,7 @@ class DynamicBatcher(Generic[P, R]):
         self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
         self._per_request_s = _INITIAL_PER_REQUEST_S  # engine time per request, measured
+        self.limit = self._limit_now()  # live requests admitted now (updated per batch)
         self._last_done_s = 0.0  # when the latest live batch finished
         self.failure: str | None = None  # why the consumer is not running, while restarting
         self.restarts = 0
@@ -139,8 +141,7 @@ class DynamicBatcher(Generic[P, R]):
         """Live queued requests (expired and cancelled ones are not counted)."""
         return self._live
 
-    @property
-    def limit(self) -> int:
+    def _limit_now(self) -> int:
         """How many live requests may wait: what the engine drains in `max_queue_delay_s`."""
         c = self.config
         admitted = int(self.drain_per_s * c.max_queue_delay_s)
@@ -158,6 +159,8 @@ class DynamicBatcher(Generic[P, R]):
         interval_s = now - max(started_s, self._last_done_s)
         self._last_done_s = now
         self._per_request_s += _EWMA * (interval_s / size - self._per_request_s)
+        # Kept as a plain attribute: every request (and every refusal) reads it.
+        self.limit = self._limit_now()
         self.observer.queue_limit(self.limit)
 
     @property
@@ -254,10 +257,12 @@ class DynamicBatcher(Generic[P, R]):
             except Exception as exc:
                 self.restarts += 1
                 self.failure = f"batch consumer crashed ({type(exc).__name__}: {exc}); restarting"
+                self.observer.health(False)
                 log.exception("variant %s: batch consumer crashed; restarting", self.name)
                 self.observer.restarted()
                 await asyncio.sleep(self.config.restart_backoff_s)
                 self.failure = None
+                self.observer.health(True)
 
     def _pop(self, lane: collections.deque[_Pending[P]], n: int) -> list[_Pending[P]]:
         """Up to `n` entries whose caller still waits, in arrival order."""

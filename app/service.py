@@ -61,6 +61,7 @@ class Service:
             metrics.routing_weight.labels(name).set(weight)
         self.variants: dict[str, Variant] = {}
         self._load_failure: str | None = "starting: variants not loaded yet"
+        self._unhealthy: set[str] = set()  # variants whose batch consumer is restarting
         n_variants = max(1, len(settings.variants))
         self.executor = ThreadPoolExecutor(
             # the live slots of every variant, plus one for loading
@@ -90,7 +91,8 @@ class Service:
 
     @property
     def ready(self) -> bool:
-        return self.not_ready_reason is None
+        # Read by every request: two attribute checks, not the reason string.
+        return self._load_failure is None and not self._unhealthy
 
     def served_per_s(self) -> float:
         """What the variants' engines drain per second, as measured."""
@@ -125,6 +127,7 @@ class Service:
             queue_limit=m.queue_limit.labels(name).set,
             restarted=m.batcher_restarts.labels(name).inc,
             shadow_dropped=m.shadow_dropped.labels(name).inc,
+            health=lambda ok: self._unhealthy.discard(name) if ok else self._unhealthy.add(name),
         )
         config = BatcherConfig(
             max_batch_size=b.max_batch_size,
@@ -191,6 +194,7 @@ class Service:
             old = self.variants.get(name)
             new = self._make_variant(name, model)
             self.variants[name] = new  # the switch: one assignment, no await in between
+            self._unhealthy.discard(name)  # the old batcher's state leaves with it
             self._publish_info(name, old.model if old else None, model)
             if old is not None:
                 self._spawn(old.batcher.close())
