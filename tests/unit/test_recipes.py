@@ -4,6 +4,7 @@ different models under one name."""
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 
@@ -106,14 +107,15 @@ def test_no_two_recipes_publish_different_models_under_one_name() -> None:
 
 
 def test_partial_sameness_claims_in_student_comments_hold() -> None:
-    windows = load_recipe(str(RECIPES_DIR / "ml1m-student-windows.toml"), StudentRecipe)
+    experiments = RECIPES_DIR / "experiments"
+    windows = load_recipe(str(experiments / "ml1m-student-windows.toml"), StudentRecipe)
     # "Same teacher, loss, budget (30 minutes, one thread) and data as ml1m-student-windows"
     for name in ("ml1m-student-wide", "ml1m-student-deep"):
-        r = load_recipe(str(RECIPES_DIR / f"{name}.toml"), StudentRecipe)
+        r = load_recipe(str(experiments / f"{name}.toml"), StudentRecipe)
         assert (r.teacher, r.distill, r.train) == (windows.teacher, windows.distill, windows.train)
     # "Same student, data, budget and thread count as the fixed run"
     for name in ("ml1m-student-windows-plateau", "ml1m-student-windows-reliability"):
-        r = load_recipe(str(RECIPES_DIR / f"{name}.toml"), StudentRecipe)
+        r = load_recipe(str(experiments / f"{name}.toml"), StudentRecipe)
         assert (r.teacher, r.model, r.train) == (windows.teacher, windows.model, windows.train)
 
 
@@ -178,3 +180,96 @@ def test_a_referenced_teacher_must_read_the_builds_data(tmp_path: Path) -> None:
     path.write_text(path.read_text().replace('path = "synthetic"', 'path = "other.txt"'))
     with pytest.raises(ValueError, match=r"teacher\.recipe reads data"):
         load_build_recipe(path)
+
+
+# What a user starts from: one build recipe per data set (ML-1M, Beauty, your own CSV) and the
+# standalone recipes they reference; every ablation and rerun lives in recipes/experiments/.
+TOP_LEVEL = sorted(RECIPES_DIR.glob("*.toml"))
+TOP_BUILDS = [p for p in TOP_LEVEL if "family" in tomllib.loads(p.read_text())]
+
+
+def test_the_top_level_holds_only_what_a_user_starts_from() -> None:
+    assert len(TOP_LEVEL) <= 10, [p.name for p in TOP_LEVEL]
+    assert {"ml1m.toml", "beauty.toml", "your-data.toml"} <= {p.name for p in TOP_BUILDS}
+    # every top-level standalone recipe is there because a top-level build reads it
+    referenced = set()
+    for path in TOP_BUILDS:
+        raw = tomllib.loads(path.read_text())
+        for section in [raw.get("teacher", {}), *raw.get("students", [])]:
+            if "recipe" in section:
+                target = (path.parent / section["recipe"]).resolve()
+                assert target.is_file(), f"{path.name}: {section['recipe']} does not exist"
+                assert target.parent == RECIPES_DIR, f"{path.name} reads {target} (not top level)"
+                referenced.add(target.name)
+    loose = {p.name for p in TOP_LEVEL} - {p.name for p in TOP_BUILDS} - referenced
+    assert not loose, f"top-level recipes no top-level build reads: {sorted(loose)}"
+
+
+def test_the_ml1m_build_makes_the_best_known_family() -> None:
+    recipe = load_build_recipe(RECIPES_DIR / "ml1m.toml")
+    assert "ml1m-student-3-16-succ2-b1" in {s.name for s in recipe.students}
+    served = [q for q in recipe.quantize if q.source == "ml1m-student-3-16-succ2-b1"]
+    assert served and served[0].item_matrix
+
+
+def _fake_manifest(name: str, kind: str, parent: str | None) -> object:
+    from model_store.manifest import Manifest
+
+    return Manifest.model_construct(
+        name=name, version=1, kind=kind, parent=parent, recipe={}, artifacts={"model.onnx": {}}
+    )
+
+
+@pytest.mark.parametrize("path", TOP_BUILDS, ids=[p.name for p in TOP_BUILDS])
+def test_a_top_level_build_plans_every_step_without_training(
+    path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`recsys build`'s own path (load the recipe, then run_build over an empty store) with
+    training, distillation and every variant maker replaced by stubs that check their inputs:
+    each model config is valid for a real catalogue size, each step's source exists when the
+    step runs, and no two steps publish one name."""
+    import types
+
+    from compression import pipeline, variants
+    from compression.build import run_build
+    from model_store.store import ModelStore
+
+    made: list[str] = []
+
+    def record(name: str, kind: str, parent: str | None) -> object:
+        assert name not in made, f"{path.name}: two steps publish {name}"
+        made.append(name)
+        return _fake_manifest(name, kind, parent)
+
+    def train_teacher(recipe, store, progress, log):  # type: ignore[no-untyped-def]
+        recipe.model_config_for(3416)  # ML-1M's catalogue; raises on a size that does not fit
+        return types.SimpleNamespace(manifest=record(recipe.name, "teacher", None))
+
+    def distill_student(recipe, store, progress, log):  # type: ignore[no-untyped-def]
+        recipe.model_config_for(3416)
+        return types.SimpleNamespace(manifest=record(recipe.name, "student", recipe.teacher))
+
+    def variant(kind: str):  # type: ignore[no-untyped-def]
+        def make(store, parent, *args, name, **kwargs):  # type: ignore[no-untyped-def]
+            return record(name, kind, parent)
+
+        return make
+
+    monkeypatch.setattr(pipeline, "train_teacher", train_teacher)
+    monkeypatch.setattr(pipeline, "distill_student", distill_student)
+    for maker in ("quantize_variant", "prune_variant", "fp16_variant", "context_variant"):
+        monkeypatch.setattr(variants, maker, variant(maker.removesuffix("_variant")))
+    recipe = load_build_recipe(path)
+    built = run_build(recipe, ModelStore(tmp_path / "store"), progress=False, log=lambda _: None)
+    assert sorted(built) == sorted(made)
+    expected = 1 + len(recipe.students) + len(recipe.quantize) + len(recipe.prune)
+    assert len(made) == expected + len(recipe.fp16) + len(recipe.context)
+
+
+def test_the_experiments_index_names_every_experiment() -> None:
+    folder = RECIPES_DIR / "experiments"
+    index = (folder / "README.md").read_text()
+    listed = set(re.findall(r"`([a-z0-9][a-z0-9._-]*\.toml)`", index))
+    present = {p.name for p in folder.glob("*.toml")}
+    assert present <= listed, f"not in recipes/experiments/README.md: {sorted(present - listed)}"
+    assert listed <= present | {p.name for p in TOP_LEVEL}, sorted(listed - present)
