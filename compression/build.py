@@ -12,7 +12,8 @@ Recipe (TOML):
     [[students]]           # name, model, train, distill (omit distill: labels only)
     [[quantize]]           # source (a model name of this build), name, item_matrix, config
     [[prune]]              # source, name, config = {heads_keep, ffn_keep, ...}, train, distill
-    [compare]              # batch_sizes, threads: the report over the whole family
+    [compare]              # batch_sizes, threads: the report over the whole family, written
+                           # to `out`, default the store's reports/ folder (`<store>/../reports`)
 
 A teacher or student section may instead name a standalone recipe, resolved relative to
 the build recipe's folder, so that the build makes exactly the model that recipe makes
@@ -98,7 +99,9 @@ class CompareStep(_Strict):
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 64])
     threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads (service: 1)")
     visit_runs: int = Field(11, ge=1, description="calls per visit, first untimed; 1 = cold")
-    out: str = "benchmarks/results"
+    out: str | None = Field(
+        None, description="report folder; None = the store's reports/ (recsys build --out wins)"
+    )
 
 
 class BuildRecipe(_Strict):

@@ -167,9 +167,76 @@ def test_demo_builds_the_family_and_writes_the_report(monkeypatch, capsys, tmp_p
         "--data", "synthetic:users=150,items=40,max_len=12,min_len=5,seed=5",
     )  # fmt: skip
     assert code == 0, err
-    assert "built 6 models" in out and "demo-student-int8-dynamic" in out
+    assert "built 5 models" in out and "demo-student-int8-dynamic" in out
     report = json.loads((tmp_path / "reports" / "compare-demo.json").read_text())
     names = {v["ref"].split("@")[0] for v in report["variants"]}
     assert {"demo-teacher", "demo-student", "demo-student-int8-dynamic",
-            "demo-teacher-pruned"} <= names  # fmt: skip
+            "demo-student-labels", "demo-teacher-int8-dynamic"} <= names  # fmt: skip
     assert report["batch_sizes"] == [1, 64]
+    # It ends with the short table and the command that serves teacher and INT8 student.
+    table = out[out.index("variant  ") :]
+    for label in ("teacher", "student (distilled)", "student INT8", "control: labels only"):
+        assert label in table
+    assert out.rstrip().endswith(
+        f"recsys serve --store {store} --variant full=demo-teacher@1 "
+        "--variant small=demo-student-int8-dynamic@1 --port 8000"
+    )
+
+
+BUILD = """
+family = "rep"
+[data]
+path = "synthetic:users=80,items=30,max_len=8,min_len=4,seed=3"
+[teacher]
+model = { hidden = 8, max_len = 8, n_blocks = 1 }
+train = { max_epochs = 1 }
+[[quantize]]
+source = "rep-teacher"
+config = { mode = "dynamic" }
+[compare]
+batch_sizes = [1]
+"""
+
+
+def test_build_and_compare_reports_go_to_the_store_not_the_source_tree(
+    monkeypatch, capsys, tmp_path
+) -> None:
+    # Run from the repository root, where a relative default like benchmarks/results would land.
+    repo = Path(__file__).resolve().parents[2]
+    results = repo / "benchmarks" / "results"
+    before = set(results.rglob("*")) if results.exists() else set()
+    monkeypatch.chdir(repo)
+    recipe = tmp_path / "rep.toml"
+    recipe.write_text(BUILD)
+    store = tmp_path / "models"
+    fast = ["--repeats-b1", "2", "--repeats-b64", "1"]
+    code, _, err = run(
+        monkeypatch, capsys, "build", "--recipe", str(recipe), "--store", str(store),
+        "--no-progress", *fast,
+    )  # fmt: skip
+    assert code == 0, err
+    assert (tmp_path / "reports" / "compare-rep.json").is_file()
+    assert {"compare-rep.md", "compare-rep.png"} <= {
+        p.name for p in (tmp_path / "reports").iterdir()
+    }
+    code, _, err = run(
+        monkeypatch, capsys, "compare", "rep-teacher", "--store", str(store), "--histories", "8",
+        *fast,
+    )  # fmt: skip
+    assert code == 0, err
+    assert (tmp_path / "reports" / "compare-rep-teacher-1.json").is_file()
+    # --out wins, for both commands
+    code, _, err = run(
+        monkeypatch, capsys, "build", "--recipe", str(recipe), "--store", str(store),
+        "--no-progress", "--out", str(tmp_path / "mine"), *fast,
+    )  # fmt: skip
+    assert code == 0, err
+    assert (tmp_path / "mine" / "compare-rep.json").is_file()
+    code, _, err = run(
+        monkeypatch, capsys, "compare", "rep-teacher@1", "--store", str(store),
+        "--histories", "8", "--out", str(tmp_path / "mine"), "--stem", "c", *fast,
+    )  # fmt: skip
+    assert code == 0, err
+    assert (tmp_path / "mine" / "c.json").is_file()
+    after = set(results.rglob("*")) if results.exists() else set()
+    assert not [p for p in after - before if "rep" in p.name], "a report went into the source tree"

@@ -115,6 +115,30 @@ def test_synthetic_is_seeded_and_structured() -> None:
         synthetic_dataset(SyntheticConfig(items=10, max_len=20))
 
 
+def test_synthetic_clusters_make_the_next_item_predictable_from_the_last() -> None:
+    """The demo's form: the 3 most frequent followers of the previous item (counted on the
+    other half of the users) hold the next item far more often than chance (3%) or the 3 most
+    popular items do."""
+    cfg = SyntheticConfig(users=300, items=100, min_len=10, max_len=40, clusters=5, seed=1)
+    data = synthetic_dataset(cfg)
+    assert data.sha256 == synthetic_dataset(cfg).sha256 != synthetic_dataset().sha256
+    for seq in data.sequences:
+        assert 10 <= len(seq) <= 40 and len(set(seq.tolist())) == len(seq)
+        assert seq.min() >= 1 and seq.max() <= 100
+    fit, held = data.sequences[:150], data.sequences[150:]
+    follows = np.zeros((101, 101))
+    for seq in fit:
+        np.add.at(follows, (seq[:-1], seq[1:]), 1)
+    top3_follow = np.argsort(-follows, axis=1, kind="stable")[:, :3]
+    top3_popular = np.argsort(-np.bincount(np.concatenate(fit), minlength=101))[:3]
+    pairs = np.concatenate([np.stack([s[:-1], s[1:]], 1) for s in held])
+    by_last = float(np.mean((top3_follow[pairs[:, 0]] == pairs[:, 1:]).any(1)))
+    by_popularity = float(np.mean(np.isin(pairs[:, 1], top3_popular)))
+    assert by_last > 0.6 and by_last > 20 * 0.03 and by_last > 5 * by_popularity
+    with pytest.raises(DataError, match="per cluster"):
+        synthetic_dataset(SyntheticConfig(items=40, max_len=20, clusters=20))
+
+
 @pytest.mark.realdata
 def test_real_sequence_files_match_published_counts(shared_data: Path) -> None:
     data = load_sequence_file(shared_data / "ml-1m" / "ml-1m.txt")
