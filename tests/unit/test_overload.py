@@ -41,16 +41,26 @@ def test_immediate_retries_are_paced_at_the_served_rate(clock: Clock) -> None:
     served = 100.0
     pacer = RefusalPacer(lambda: served)
     conns = [("10.0.0.2", i) for i in range(50)]
-    for c in conns:
-        assert pacer.delay_s(c) == 0.0  # first refusals
-    clock.now += 0.001
-    delays = [pacer.delay_s(c) for c in conns]  # all come right back
+    for _ in range(overload.RETRY_STREAK):  # first refusals, and a few quick resends
+        for c in conns:
+            assert pacer.delay_s(c) == 0.0
+        clock.now += 0.001
+    delays = [pacer.delay_s(c) for c in conns]  # they keep coming right back: a storm
     pace_s = 1.0 / (overload.RETRIES_PER_SERVED * served)
     burst = int(overload.BURST_S / pace_s)
     assert all(d == 0.0 for d in delays[:burst])
     held = delays[burst + 1 :]
     assert held and all(b > a for a, b in itertools.pairwise(held))
     assert held[-1] == pytest.approx((len(delays) - 1) * pace_s - overload.BURST_S, abs=0.01)
+
+
+def test_a_client_that_fell_behind_and_resends_once_or_twice_is_not_held(clock: Clock) -> None:
+    pacer = RefusalPacer(lambda: 1.0)  # a slow engine: any pacing would show
+    for _ in range(20):
+        for _quick in range(overload.RETRY_STREAK):  # catching up: sends right after answers
+            assert pacer.delay_s(("c", 1)) == 0.0
+            clock.now += 0.001
+        clock.now += 0.45  # then back on its own schedule
 
 
 def test_holds_never_exceed_the_retry_after_and_memory_is_bounded(
