@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -72,6 +73,23 @@ def synthetic_dataset(cfg: SyntheticConfig | None = None) -> SequenceDataset:
     successors = np.stack(
         [rng.choice(cfg.items, size=cfg.successors, replace=False) for _ in range(cfg.items)]
     )
+
+    def other(item: int, seen: np.ndarray) -> int:  # any unseen item, by popularity
+        p = np.where(seen, 0.0, popularity)
+        return int(rng.choice(cfg.items, p=p / p.sum()))
+
+    return _dataset(cfg, _walks(cfg, rng, popularity, successors, other))
+
+
+def _walks(
+    cfg: SyntheticConfig,
+    rng: np.random.Generator,
+    popularity: np.ndarray,
+    successors: np.ndarray,
+    other: Callable[[int, np.ndarray], int],
+) -> list[np.ndarray]:
+    """One history per user: a popular first item, then mostly an unseen successor of the
+    last item (`p_follow`), else `other(item, seen)`; no item twice."""
     sequences = []
     for _ in range(cfg.users):
         length = int(rng.integers(cfg.min_len, cfg.max_len + 1))
@@ -84,12 +102,11 @@ def synthetic_dataset(cfg: SyntheticConfig | None = None) -> SequenceDataset:
             if nxt and rng.random() < cfg.p_follow:
                 item = int(nxt[0] if len(nxt) == 1 else rng.choice(nxt))
             else:
-                p = np.where(seen, 0.0, popularity)
-                item = int(rng.choice(cfg.items, p=p / p.sum()))
+                item = other(item, seen)
             seq.append(item)
             seen[item] = True
         sequences.append(np.array(seq, dtype=np.int64) + 1)  # internal ids start at 1
-    return _dataset(cfg, sequences)
+    return sequences
 
 
 def _clustered(cfg: SyntheticConfig) -> SequenceDataset:
@@ -113,28 +130,16 @@ def _clustered(cfg: SyntheticConfig) -> SequenceDataset:
             for i in range(cfg.items)
         ]
     )
-    sequences = []
-    for _ in range(cfg.users):
-        length = int(rng.integers(cfg.min_len, cfg.max_len + 1))
-        seen = np.zeros(cfg.items, dtype=bool)
-        item = int(rng.choice(cfg.items, p=popularity))
-        seq = [item]
-        seen[item] = True
-        while len(seq) < length:
-            nxt = [s for s in successors[item] if not seen[s]]
-            if nxt and rng.random() < cfg.p_follow:
-                item = int(nxt[0] if len(nxt) == 1 else rng.choice(nxt))
-            else:
-                pool = members[cluster[item]]
-                p = np.where(seen[pool], 0.0, popularity[pool])
-                if p.sum() == 0.0 or rng.random() >= cfg.p_stay:
-                    pool = np.arange(cfg.items)
-                    p = np.where(seen, 0.0, popularity)
-                item = int(pool[rng.choice(len(pool), p=p / p.sum())])
-            seq.append(item)
-            seen[item] = True
-        sequences.append(np.array(seq, dtype=np.int64) + 1)  # internal ids start at 1
-    return _dataset(cfg, sequences)
+
+    def other(item: int, seen: np.ndarray) -> int:  # mostly an unseen item of its cluster
+        pool = members[cluster[item]]
+        p = np.where(seen[pool], 0.0, popularity[pool])
+        if p.sum() == 0.0 or rng.random() >= cfg.p_stay:
+            pool = np.arange(cfg.items)
+            p = np.where(seen, 0.0, popularity)
+        return int(pool[rng.choice(len(pool), p=p / p.sum())])
+
+    return _dataset(cfg, _walks(cfg, rng, popularity, successors, other))
 
 
 def _dataset(cfg: SyntheticConfig, sequences: list[np.ndarray]) -> SequenceDataset:
