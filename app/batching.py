@@ -125,7 +125,6 @@ class DynamicBatcher(Generic[P, R]):
         self.limit = self._limit_now()  # live requests admitted now (updated per batch)
         self._last_done_s = 0.0  # when the latest live batch finished
         self.failure: str | None = None  # why the consumer is not running, while restarting
-        self.restarts = 0
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -255,7 +254,6 @@ class DynamicBatcher(Generic[P, R]):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.restarts += 1
                 self.failure = f"batch consumer crashed ({type(exc).__name__}: {exc}); restarting"
                 self.observer.health(False)
                 log.exception("variant %s: batch consumer crashed; restarting", self.name)
@@ -269,7 +267,7 @@ class DynamicBatcher(Generic[P, R]):
         batch: list[_Pending[P]] = []
         while lane and len(batch) < n:
             item = lane.popleft()
-            if item.future.done():  # expired or cancelled; its done-callback may not have run
+            if item.future.done():  # expired, or cancelled before its caller's cleanup ran
                 self._left(item)
                 continue
             if item.queued:
@@ -363,50 +361,48 @@ class DynamicBatcher(Generic[P, R]):
                 await self._run(batch, live=False)
 
     async def _run(self, batch: list[_Pending[P]], live: bool) -> None:
-        loop = asyncio.get_running_loop()
         started = time.perf_counter()
+        executor = self.executor if live or self.shadow_executor is None else self.shadow_executor
         try:
-            results = await loop.run_in_executor(
-                self.executor if live or self.shadow_executor is None else self.shadow_executor,
-                self.run_batch,
-                [item.payload for item in batch],
+            results = await asyncio.get_running_loop().run_in_executor(
+                executor, self.run_batch, [item.payload for item in batch]
             )
-            if len(results) != len(batch):
-                raise RuntimeError(f"engine returned {len(results)} results for {len(batch)}")
+            self._settle(batch, results)
         except BaseException as exc:  # every caller must hear about a failed batch
-            log.exception("variant %s: batch of %d failed", self.name, len(batch))
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(exc)
+            self._fail(batch, exc)
             if not isinstance(exc, Exception):
                 raise
-        else:
-            for item, result in zip(batch, results, strict=True):
-                if not item.future.done():
-                    item.future.set_result(result)
         finally:
-            compute_s = time.perf_counter() - started
             if live:
-                self._slots.release()
-                self.observer.batch(len(batch), compute_s)
-                self._measured(len(batch), started)
+                self._done(len(batch), started)
 
     def _run_inline(self, item: _Pending[P]) -> None:
         started = time.perf_counter()
         try:
-            (result,) = self.run_batch([item.payload])
+            self._settle([item], self.run_batch([item.payload]))
         except Exception as exc:
-            log.exception("variant %s: batch of 1 failed", self.name)
-            if not item.future.done():
-                item.future.set_exception(exc)
-        else:
+            self._fail([item], exc)
+        finally:
+            self._done(1, started)
+
+    def _settle(self, batch: list[_Pending[P]], results: Sequence[R]) -> None:
+        if len(results) != len(batch):
+            raise RuntimeError(f"engine returned {len(results)} results for {len(batch)}")
+        for item, result in zip(batch, results, strict=True):
             if not item.future.done():
                 item.future.set_result(result)
-        finally:
-            self._slots.release()
-            compute_s = time.perf_counter() - started
-            self.observer.batch(1, compute_s)
-            self._measured(1, started)
+
+    def _fail(self, batch: list[_Pending[P]], exc: BaseException) -> None:
+        log.exception("variant %s: batch of %d failed", self.name, len(batch), exc_info=exc)
+        for item in batch:
+            if not item.future.done():
+                item.future.set_exception(exc)
+
+    def _done(self, size: int, started_s: float) -> None:
+        """A live batch finished: free its slot, record it, update the measured speed."""
+        self._slots.release()
+        self.observer.batch(size, time.perf_counter() - started_s)
+        self._measured(size, started_s)
 
     async def close(self, drain_timeout_s: float = 10.0) -> None:
         """Stop taking requests, finish what is queued and in flight, then stop."""
