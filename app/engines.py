@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from model_store.checkpoint import stored_names
 from model_store.store import CHECKPOINT_FILE, LEGACY_CHECKPOINTS
 
 log = logging.getLogger(__name__)
@@ -163,8 +164,14 @@ class TorchEngine:
         except Exception as exc:  # an ImportError, or an architecture the factory refuses
             raise EngineError(f"{path}: cannot build the module from the manifest ({exc})") from exc
         try:
-            state = load_file(str(path), device="cpu")  # raw tensors and a JSON header only
-            _tie_shared(module, state)
+            stored = load_file(str(path), device="cpu")  # raw tensors and a JSON header only
+            # A tensor listed under several names is stored once (model_store.checkpoint).
+            state = {
+                name: stored[owner]
+                for name, owner in stored_names(module.state_dict()).items()
+                if owner in stored
+            }
+            state.update(stored)  # names the module lacks: refused by load_state_dict
             module.load_state_dict(state, strict=True)
         except Exception as exc:  # not safetensors, or tensors that do not fit the module
             raise EngineError(f"{path}: not usable weights for this architecture ({exc})") from exc
@@ -179,17 +186,6 @@ class TorchEngine:
         with torch.inference_mode():
             ids = torch.from_numpy(item_ids).to(self.device, non_blocking=True)
             return self.module(ids).float().cpu().numpy()
-
-
-def _tie_shared(module: Any, state: dict[str, Any]) -> None:
-    """Add to `state` the names under which `module` lists a tensor it also lists under an
-    earlier name (one block shared by every layer): a checkpoint stores each tensor once."""
-    first: dict[tuple[Any, ...], str] = {}
-    for name, t in module.state_dict().items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        owner = first.setdefault(key, name)
-        if owner != name and name not in state and owner in state:
-            state[name] = state[owner]
 
 
 def build_engine(

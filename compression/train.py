@@ -31,6 +31,7 @@ from compression.embedding import MixedDimEmbedding
 from compression.evaluate import evaluate_model
 from compression.model import SASRec
 from compression.successors import add_entries
+from model_store.checkpoint import stored_names
 from model_store.store import CHECKPOINT_FILE, LEGACY_CHECKPOINTS
 
 # safetensors with the config in its header; "recsys-sasrec/1" was a pickled dict (torch.save).
@@ -373,10 +374,6 @@ def weight_average(
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
 
 
-def _storage_key(t: Tensor) -> tuple[int, int, tuple[int, ...], torch.dtype]:
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-
-
 def save_checkpoint(path: Path, model: SASRec, extra: dict[str, Any] | None = None) -> None:
     """Write `model` as safetensors: the tensors, and in the header's metadata (JSON strings)
     the format tag, the model config and `extra`, so loading needs nothing else and never
@@ -384,12 +381,12 @@ def save_checkpoint(path: Path, model: SASRec, extra: dict[str, Any] | None = No
     listed n_blocks times) is stored once, under its first name."""
     from safetensors.torch import save_file
 
-    tensors: dict[str, Tensor] = {}
-    seen: set[tuple[int, int, tuple[int, ...], torch.dtype]] = set()
-    for name, tensor in model.state_dict().items():
-        if (key := _storage_key(tensor)) not in seen:
-            seen.add(key)
-            tensors[name] = tensor.detach().cpu().contiguous()
+    state = model.state_dict()
+    tensors: dict[str, Tensor] = {
+        name: state[name].detach().cpu().contiguous()
+        for name, owner in stored_names(state).items()
+        if owner == name
+    }
     metadata = {
         "format": CHECKPOINT_FORMAT,
         "config": json.dumps(model.cfg.model_dump()),
@@ -420,8 +417,7 @@ def _read_checkpoint(path: Path) -> SASRec:
     except Exception as exc:  # missing, not JSON, not a mapping, or refused by ModelConfig
         raise ValueError(f"bad model config in its header ({exc})") from exc
     expected = model.state_dict()
-    owners: dict[tuple[int, int, tuple[int, ...], torch.dtype], str] = {}
-    stored_as = {n: owners.setdefault(_storage_key(t), n) for n, t in expected.items()}
+    stored_as = stored_names(expected)
     stored = {n: t for n, t in expected.items() if stored_as[n] == n}  # one name per tensor
     missing, extra = sorted(stored.keys() - tensors.keys()), sorted(tensors.keys() - stored.keys())
     if missing or extra:
