@@ -20,7 +20,7 @@ ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY requirements ./requirements
+COPY requirements-serve.txt ./
 COPY app ./app
 COPY compression ./compression
 COPY model_store ./model_store
@@ -28,7 +28,7 @@ COPY recsys_cli ./recsys_cli
 # Exact versions and sha256 hashes from the serving lock (requirements/refresh.sh writes it),
 # then the package itself without resolving anything. The last command fails the build if
 # anything pulled PyTorch in.
-RUN pip install --require-hashes --no-deps -r requirements/serve.lock \
+RUN pip install --require-hashes --no-deps -r requirements-serve.txt \
     && pip install --no-deps --no-build-isolation . \
     && pip check \
     && python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Re-resolve the exact dev/CI environment (requirements/dev.lock) from pyproject.toml's ranges.
+# Re-resolve the exact dev/CI environment (requirements-dev.txt) from pyproject.toml's ranges.
 # Run after changing a dependency range, or to take newer releases on purpose; commit the lock.
 # torch is resolved as its CPU build (requirements/torch-cpu.txt) and then left out of the lock:
 # its wheel comes from PyTorch's CPU index (or a local wheel), not PyPI, so install.sh installs
@@ -25,5 +25,5 @@ lock.write_text("\n".join(kept).rstrip("\n") + "\n")
 PY
   echo "$2: $(grep -c '==' "$2") pinned packages"
 }
-compile dev requirements/dev.lock      # CI, development, training (+ torch, see above)
-compile serve requirements/serve.lock  # the serving images (no torch)
+compile dev requirements-dev.txt      # CI, development, training (+ torch, see above)
+compile serve requirements-serve.txt  # the serving images (no torch)

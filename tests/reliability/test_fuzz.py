@@ -44,7 +44,7 @@ ENV = {
 def _schemathesis() -> list[str]:
     exe = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
     if exe is None:
-        pytest.skip("schemathesis is a dev dependency (requirements/dev.lock)")
+        pytest.skip("schemathesis is a dev dependency (requirements-dev.txt)")
     return [exe]
 
 
