@@ -261,6 +261,7 @@ def distill(
         bool, typer.Option(help="Train the same student from labels only (the control).")
     ] = False,
     name: Annotated[str | None, typer.Option(help="Override the student's store name.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the recipe's random seed.")] = None,
     store: StoreOpt = Path(DEFAULT_STORE),
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
@@ -276,6 +277,8 @@ def distill(
         updates["distill"] = None
     if name is not None:
         updates["name"] = name
+    if seed is not None:
+        updates["train"] = {**cfg.train.model_dump(), "seed": seed}
     if updates:
         cfg = _validated(StudentRecipe, {**cfg.model_dump(), **updates})
     report = distill_student(cfg, _store(store), progress=progress)
