@@ -38,12 +38,6 @@ def main() -> None:
                     if distill is None
                     else f"{distill['strategy']} a={distill['alpha']} T={distill['temperature']} "
                     f"b={distill['beta']}"
-                    + (
-                        f" + {distill['augment_copies']} corrupted copies "
-                        f"({distill['augment_substitute']:.0%} items)"
-                        if distill.get("augment_copies")
-                        else ""
-                    )
                 )
                 + _averaged(m.recipe),
                 "max_len": m.architecture["max_len"],
@@ -88,23 +82,15 @@ def _averaged(recipe: dict) -> str:
 
 
 def _transformer(arch: dict) -> str:
-    """'hidden 40, 2 blocks (shared), FFN 64'."""
-    shared = " (shared)" if arch.get("shared_blocks") else ""
+    """'hidden 40, 2 blocks, FFN 64'."""
     ffn = arch.get("ffn") or arch["hidden"]
-    return f"hidden {arch['hidden']}, {arch['n_blocks']} blocks{shared}, FFN {ffn}"
+    return f"hidden {arch['hidden']}, {arch['n_blocks']} blocks, FFN {ffn}"
 
 
 def _item_vectors(arch: dict) -> str:
-    """How an item is stored and scored: '16', '16 -> 54 (tower)', 'mixed', 'coded', and
-    '+ 2 successors' with successor lists."""
+    """Item vector width, and '+ 2 successors' with successor lists."""
     lists = f" + {arch['successors']} successors" if arch.get("successors") else ""
-    if arch.get("emb_cutoffs"):
-        return "mixed " + "/".join(str(d) for d in arch["emb_dims"]) + lists
-    width = str(arch.get("emb_dim") or arch["hidden"])
-    if arch.get("emb_codebooks"):
-        return f"{width}, {arch['emb_codebooks']} codes{lists}"
-    scored = f"{width} -> {arch['item_tower']} (tower)" if arch.get("item_tower") else width
-    return scored + lists
+    return str(arch.get("emb_dim") or arch["hidden"]) + lists
 
 
 if __name__ == "__main__":

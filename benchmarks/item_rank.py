@@ -3,8 +3,9 @@ low-rank approximations at equal parameter budgets, evaluated without any retrai
 
 Uniform: one rank-r SVD of the whole matrix. Mixed: items ranked by training popularity
 and cut into buckets, each bucket approximated by its own SVD at its own rank (the
-structure of compression/embedding.py). A retrained student adapts its vectors, so these
-are lower bounds, but they show where the teacher's ranking quality lives.
+structure of mixed-dimension embeddings, a retired student option: docs/distillation.md).
+A retrained student adapts its vectors, so these are lower bounds, but they show where the
+teacher's ranking quality lives.
 
 Usage: python benchmarks/item_rank.py ml1m-teacher-windows@1 [--store DIR] [--out DIR]
 Writes benchmarks/results/item-rank-<teacher>.json and .md (test set, full ranking).
@@ -23,7 +24,6 @@ import numpy as np
 import torch
 
 from compression.data import leave_one_out
-from compression.embedding import popularity_order
 from compression.evaluate import evaluate_model
 from compression.train import load_checkpoint
 from compression.variants import load_model_data
@@ -69,7 +69,7 @@ def main() -> None:
     split = leave_one_out(load_model_data(manifest))
     teacher = load_checkpoint(folder / CHECKPOINT_FILE)
     counts = split.item_counts()
-    order = popularity_order(counts)
+    order = np.argsort(-np.asarray(counts)[1:], kind="stable") + 1  # most trained-on first
     weight = teacher.output_weight.detach()
     full = evaluate_model(teacher, split, "test")
     rows = [{"layout": "teacher (full rank)", "params": int(weight[1:].numel()), **full}]

@@ -1,6 +1,6 @@
 """Train a teacher from a recipe, publish it, write what was measured as JSON + markdown.
 
-Usage: python benchmarks/train_teacher.py recipes/ml1m-teacher-windows-40min.toml
+Usage: python benchmarks/train_teacher.py recipes/ml1m-teacher.toml
     [--store DIR] [--out DIR]
 """
 

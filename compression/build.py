@@ -265,14 +265,11 @@ def _settings(schema: type[BaseModel], stored: dict[str, Any], *drop: str) -> di
 
 
 def _graph_is_current(store: ModelStore, m: Manifest) -> bool:
-    """True when `m`'s ONNX file comes from today's graph writer, or from PyTorch's exporter
-    for a model the writer does not cover (mixed-dimension item embeddings)."""
+    """True when `m`'s ONNX file comes from today's graph writer."""
     import onnx
 
     from compression.onnx_graph import PRODUCER
 
-    if m.architecture.get("emb_cutoffs") is not None:
-        return True
     _, folder = store.resolve(_ref(m))
     return onnx.load(str(folder / "model.onnx"), load_external_data=False).producer_name == PRODUCER
 

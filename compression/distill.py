@@ -8,8 +8,8 @@ Per student position i (every position, the whole catalogue unless `top_k` is se
 
     L = mean_i L_i
 
-`y` are logits (`l2_target="logits"`) or probabilities at T = 1 (`"probs"`); the squared
-error is averaged over the items so its scale does not grow with the catalogue. With the
+`y` are logits (the L2 term between probabilities measured no better, docs/distillation.md);
+the squared error is averaged over the items so its scale does not grow with the catalogue. With the
 `fixed` strategy w_i = 1 and u_i = beta, which for beta = 0 is exactly the design formula
 alpha*KL + (1-alpha)*L2.
 
@@ -33,20 +33,11 @@ student alike; the softmaxes themselves are over the full catalogue), so the tar
 position are bounded by K + 1 numbers and the student still learns to keep the other items
 low; the L2 term compares the K logits; the label term uses the full catalogue.
 
-With `top_k` and `cache_teacher` the teacher's targets (its top-K logits, the normaliser at
+With `top_k` the teacher's targets (its top-K logits, the normaliser at
 T, the rank of each label) are computed once for every training position before the first
 epoch (`TeacherTargets`) instead of on every batch: the teacher is frozen, so they never
 change between epochs, and on 2 CPU cores its forward pass made a distillation epoch 4-5x
 as long as a labels-only one. The `plateau` schedule rebuilds them when it changes T.
-
-Function matching (`augment_copies` = N > 0): besides the clean training inputs, N copies in
-which a share `augment_substitute` of the history items is replaced by uniformly random
-items (padding and labels untouched), each with the teacher's cached targets ON THAT
-corrupted input. Every batch draws one of the N + 1 copies. The student matches the teacher's
-function on inputs it has not memorised: the late overfitting of small students without
-dropout is what this targets (Beyer et al. 2022, "Knowledge distillation: a good teacher is
-patient and consistent"). Costs one more teacher pass and ~2 x (top_k + 2) bytes per training
-position for each copy.
 """
 
 from __future__ import annotations
@@ -66,13 +57,15 @@ from compression.evaluate import target_rank_torch
 from compression.model import SASRec
 from compression.successors import add_entries
 
+# Student positions per loss chunk: bounds the [chunk, items] logit memory of each term.
+CHUNK_ROWS = 1024
+
 
 def distill_terms(
     student_logits: Tensor,
     teacher_logits: Tensor,
     labels: Tensor,
     temperature: float,
-    l2_target: str = "logits",
     top_k: int | None = None,
     with_rank: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -94,10 +87,7 @@ def distill_terms(
         s, t = s.gather(1, top), t.gather(1, top)
         log_ps, log_pt = _with_rest(log_ps.gather(1, top)), _with_rest(log_pt.gather(1, top))
     kl = (log_pt.exp() * (log_pt - log_ps)).sum(dim=1) * temperature**2
-    if l2_target == "probs":
-        l2 = (F.softmax(s, dim=1) - F.softmax(t, dim=1)).pow(2).mean(dim=1)
-    else:
-        l2 = (s - t).pow(2).mean(dim=1)
+    l2 = (s - t).pow(2).mean(dim=1)
     return kl, l2, ce, rank
 
 
@@ -114,7 +104,6 @@ def cached_terms(
     lse: Tensor,
     labels: Tensor,
     temperature: float,
-    l2_target: str = "logits",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """`distill_terms` with `top_k` from cached teacher targets: (KL * T^2, L2, CE).
 
@@ -128,11 +117,7 @@ def cached_terms(
     log_ps = _with_rest(log_ps_full.gather(1, top_ids))
     log_pt = _with_rest(top_logits / temperature - lse[:, None])
     kl = (log_pt.exp() * (log_pt - log_ps)).sum(dim=1) * temperature**2
-    s_top = s.gather(1, top_ids)
-    if l2_target == "probs":
-        l2 = (F.softmax(s_top, dim=1) - F.softmax(top_logits, dim=1)).pow(2).mean(dim=1)
-    else:
-        l2 = (s_top - top_logits).pow(2).mean(dim=1)
+    l2 = (s.gather(1, top_ids) - top_logits).pow(2).mean(dim=1)
     return kl, l2, ce
 
 
@@ -211,20 +196,6 @@ def teacher_targets(
     return TeacherTargets(offsets, top_ids, top_logits, lse, rank, temperature)
 
 
-def substitute_items(
-    inputs: Sequence[np.ndarray], share: float, n_items: int, rng: np.random.Generator
-) -> list[np.ndarray]:
-    """Copies of `inputs` with each non-padding item replaced, with probability `share`, by
-    a uniformly random item id in [1, n_items]."""
-    out = []
-    for x in inputs:
-        hit = (x > 0) & (rng.random(len(x)) < share)
-        y = x.copy()
-        y[hit] = rng.integers(1, n_items + 1, int(hit.sum()))
-        out.append(y)
-    return out
-
-
 def _at(entries: tuple[Tensor, Tensor] | None, index: object) -> tuple[Tensor, Tensor] | None:
     """Index both tensors of optional successor entries alike."""
     return None if entries is None else (entries[0][index], entries[1][index])  # type: ignore[index]
@@ -256,15 +227,9 @@ class DistillLoss:
             p.requires_grad_(False)
         self.teacher_valid_ndcg = teacher_valid_ndcg
         self.state = DistillState(temperature=cfg.temperature)
-        self.pool: list[TeacherTargets] = []  # [clean inputs, corrupted copies...]
-        self.pool_inputs: list[Sequence[np.ndarray]] = []
+        # The teacher's cached targets for the training pairs (None: not cached).
+        self.targets: TeacherTargets | None = None
         self._pairs: tuple[Sequence[np.ndarray], Sequence[np.ndarray], int] | None = None
-        self._rng = np.random.default_rng(cfg.augment_seed)
-
-    @property
-    def targets(self) -> TeacherTargets | None:
-        """The cached teacher targets of the clean training inputs (None: not cached)."""
-        return self.pool[0] if self.pool else None
 
     def prepare(
         self, inputs: Sequence[np.ndarray], targets: Sequence[np.ndarray], width: int
@@ -272,23 +237,17 @@ class DistillLoss:
         """Called by `train` with its training pairs: cache the teacher's targets (top-K only;
         the whole catalogue per position would not fit in memory on large data sets)."""
         cfg = self.cfg
-        if not cfg.cache_teacher or cfg.top_k is None or cfg.top_k >= self.teacher.cfg.n_items:
+        if cfg.top_k is None or cfg.top_k >= self.teacher.cfg.n_items:
             return
         self._pairs = (inputs, targets, width)
-        n_items = self.teacher.cfg.n_items
-        self.pool_inputs = [inputs] + [
-            substitute_items(inputs, cfg.augment_substitute, n_items, self._rng)
-            for _ in range(cfg.augment_copies)
-        ]
         self._build()
 
     def _build(self) -> None:
         assert self._pairs is not None and self.cfg.top_k is not None
-        _, targets, width = self._pairs
-        self.pool = [
-            teacher_targets(self.teacher, x, targets, width, self.cfg.top_k, self.state.temperature)
-            for x in self.pool_inputs
-        ]
+        inputs, targets, width = self._pairs
+        self.targets = teacher_targets(
+            self.teacher, inputs, targets, width, self.cfg.top_k, self.state.temperature
+        )
 
     def combine(self, kl: Tensor, l2: Tensor, ce: Tensor, rank: Tensor | None) -> Tensor:
         """Sum over positions of the weighted per-position loss (see module docstring)."""
@@ -318,7 +277,6 @@ class DistillLoss:
             t_logits,
             labels,
             self.state.temperature,
-            self.cfg.l2_target,
             self.cfg.top_k,
             with_rank=self.cfg.strategy == "reliability",
         )
@@ -340,7 +298,6 @@ class DistillLoss:
             t.lse[rows],
             labels,
             self.state.temperature,
-            self.cfg.l2_target,
         )
         return self.combine(kl, l2, ce, t.rank[rows])
 
@@ -367,7 +324,7 @@ class DistillLoss:
         labels = y[valid] - 1
         s_weight, t_weight = student.output_weight[1:], self.teacher.output_weight[1:]
         total = s_query.new_zeros((), dtype=torch.float32)
-        rows = self.cfg.chunk_rows
+        rows = CHUNK_ROWS
         for start in range(0, s_query.shape[0], rows):
             sl = slice(start, start + rows)
             total = total + checkpoint(
@@ -386,12 +343,8 @@ class DistillLoss:
     def _cached(
         self, student: SASRec, inputs: Tensor, targets: Tensor, pairs: np.ndarray
     ) -> Tensor:
-        assert self.targets is not None
-        copy = int(self._rng.integers(len(self.pool))) if len(self.pool) > 1 else 0
-        if copy:  # function matching: this batch reads a corrupted copy of its histories
-            rebuilt = pad_left([self.pool_inputs[copy][p] for p in pairs], inputs.shape[1])
-            inputs = torch.from_numpy(rebuilt).to(inputs.device)
-        t = self.pool[copy]
+        t = self.targets
+        assert t is not None
         width = student.cfg.max_len
         s_hidden = student.encode(inputs[:, -width:])
         y = targets[:, -width:]
@@ -404,7 +357,7 @@ class DistillLoss:
             raise RuntimeError("cached teacher targets do not match the batch; call prepare()")
         s_weight = student.output_weight[1:]
         total = s_query.new_zeros((), dtype=torch.float32)
-        step = self.cfg.chunk_rows
+        step = CHUNK_ROWS
         for start in range(0, s_query.shape[0], step):
             sl = slice(start, start + step)
             total = total + checkpoint(

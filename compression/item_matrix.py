@@ -156,9 +156,8 @@ def quantize_item_matrix(
     if gather is None and out_matrix is None:
         raise QuantizeError(
             f"{src}: no fp32 item matrix found (neither an item Gather nor an fp32 output "
-            "MatMul); was it already quantized, or does it use mixed-dimension or coded item "
-            "embeddings (emb_cutoffs, emb_codebooks: their small factors stay fp32; use "
-            "mode=dynamic alone)?"
+            "MatMul); was it already quantized, or is its item matrix computed from smaller "
+            "factors? Use mode=dynamic alone"
         )
     emb = numpy_helper.to_array(floats[gather.input[0]]) if gather is not None else None
     shared = emb is not None and out_matrix is not None and np.array_equal(emb, out_matrix)

@@ -30,7 +30,6 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from compression.coded_embedding import CodedEmbedding
 from compression.model import SASRec
 
 OPSET = 17
@@ -42,22 +41,8 @@ _END = 2**31 - 1  # Slice end "to the end", also int32-safe
 
 
 def supports(model: SASRec) -> bool:
-    """True when `build` can write `model` (plain, factorized or coded item table)."""
-    return isinstance(model.item_emb, nn.Embedding | CodedEmbedding)
-
-
-def _item_matrix(g: _Graph, model: SASRec) -> str:
-    """The `[n_items + 1, e]` item matrix: a weight, or for coded embeddings a Gather of the
-    stacked codebooks by the codes (constants only: ORT folds it once per session)."""
-    emb = model.item_emb
-    if not isinstance(emb, CodedEmbedding):
-        return g.weight("item_emb.weight", g.state["item_emb.weight"])
-    table = g.weight("item_emb.table", emb.table().detach().cpu().numpy())
-    # int32 indices: TensorRT has no uint16 and narrows int64 anyway.
-    rows = (emb.codes + emb.offsets).cpu().numpy().astype(np.int32)
-    index = g.weight("item_emb.codes", rows)
-    parts = g.one("Gather", [table, index])  # [n + 1, M, e / M]
-    return g.one("Reshape", [parts, g.const("item_matrix_shape", [0, -1])])
+    """True when `build` can write `model` (a plain or factorized item table)."""
+    return isinstance(model.item_emb, nn.Embedding)
 
 
 class _Graph:
@@ -142,7 +127,7 @@ def build(model: SASRec, input_name: str, output_name: str) -> onnx.ModelProto:
     counts = g.one("CumSum", [g.one("Cast", [valid], to=TensorProto.INT64), g.const("axis", 1)])
 
     g.scope = "embed"
-    items = _item_matrix(g, model)
+    items = g.weight("item_emb.weight", g.state["item_emb.weight"])
     x = g.one("Gather", [items, ids])
     scale = math.sqrt(cfg.hidden)
     if model.in_proj is not None:  # the sqrt(hidden) scale folded into the projection
@@ -150,7 +135,7 @@ def build(model: SASRec, input_name: str, output_name: str) -> onnx.ModelProto:
     else:
         x = g.one("Mul", [x, g.const("sqrt_hidden", scale, np.float32)])
     table = g.weight("pos_emb.weight", g.state["pos_emb.weight"])
-    x = g.one("Add", [x, g.one("Gather", [table, _positions(g, cfg.positions, ids, counts)])])
+    x = g.one("Add", [x, g.one("Gather", [table, _positions(g, counts)])])
 
     n_blocks = len(model.blocks)
     # Key j is visible to query i when it is an item and not later: compare item counts,
@@ -176,11 +161,8 @@ def build(model: SASRec, input_name: str, output_name: str) -> onnx.ModelProto:
     # and the form `quantize_item_matrix` rewrites into an int8 product.
     n_rows = cfg.n_items + 1
     zero = g.weight("scores_bias", np.zeros(n_rows, np.float32))
-    matrix = _output_matrix(g, model, items)
     dense = output_name if model.successors is None else "dense_scores"
-    g.nodes.append(
-        helper.make_node("Gemm", [query, matrix, zero], [dense], name="scores", transB=1)
-    )
+    g.nodes.append(helper.make_node("Gemm", [query, items, zero], [dense], name="scores", transB=1))
     if model.successors is not None:
         _successor_scores(g, model, ids, dense, output_name)
 
@@ -196,18 +178,6 @@ def build(model: SASRec, input_name: str, output_name: str) -> onnx.ModelProto:
     onnx_model.producer_name = PRODUCER
     onnx.checker.check_model(onnx_model, full_check=True)
     return onnx_model
-
-
-def _output_matrix(g: _Graph, model: SASRec, items: str) -> str:
-    """The matrix scores are taken against: the input item matrix when tied. An item tower's
-    output is written as one matrix, computed here: left as nodes on constants, ONNX
-    Runtime folds it for fp32 but not for INT8 or FP16 variants (no kernels to fold with),
-    which would recompute it on every call; stored, every variant sees an untied model."""
-    if model.tower is not None:
-        return g.weight("scored_items", model.output_weight.detach().cpu().float().numpy())
-    if model.out_emb is None:
-        return items
-    return g.weight("out_emb.weight", g.state["out_emb.weight"])
 
 
 def _successor_scores(g: _Graph, model: SASRec, ids: str, dense: str, output_name: str) -> None:
@@ -243,23 +213,16 @@ def _successor_scores(g: _Graph, model: SASRec, ids: str, dense: str, output_nam
     )
 
 
-def _positions(g: _Graph, scheme: str, ids: str, counts: str) -> str:
-    """Position of every slot: items counted from the window start (padding clamped to 0),
-    or slots counted back from the most recent one (`from_end`)."""
-    if scheme == "from_start":
-        return g.one("Max", [g.one("Sub", [counts, g.const("one", 1)]), g.const("zero", 0)])
-    every = g.one("GreaterOrEqual", [ids, g.const("zero", 0)])
-    back = g.one(
-        "CumSum", [g.one("Cast", [every], to=TensorProto.INT64), g.const("axis", 1)], reverse=1
-    )
-    return g.one("Sub", [back, g.const("one", 1)])
+def _positions(g: _Graph, counts: str) -> str:
+    """Position of every slot: items counted from the window start (padding clamped to 0)."""
+    return g.one("Max", [g.one("Sub", [counts, g.const("one", 1)]), g.const("zero", 0)])
 
 
 def _block(g: _Graph, model: SASRec, b: int, x: str, bias: str, last: bool) -> str:
     """Pre-LN block `b`; in the `last` one only the last position queries (every position is
     still a key and a value) and the result is `[batch, 1, hidden]`."""
     cfg, block = model.cfg, model.blocks[b]
-    p = f"blocks.{0 if cfg.shared_blocks else b}"  # shared layers read one set of weights
+    p = f"blocks.{b}"
     heads, head_dim = cfg.n_heads, cfg.attn_head_dim
     inner = heads * head_dim
     g.scope = f"{p}/attn"

@@ -101,13 +101,12 @@ def evaluate_and_publish(
     recipe: dict[str, Any],
     wall_s: float,
     extra_metrics: dict[str, float] | None = None,
-    eval_batch_size: int = 512,
 ) -> TrainReport:
     """Test-set and popularity evaluation, then an atomic publish with checkpoint + mapping."""
     from compression.export import check_parity, export_onnx
     from compression.train import save_checkpoint
 
-    test = evaluate_model(result.model, split, "test", eval_batch_size)
+    test = evaluate_model(result.model, split, "test")
     popularity = evaluate_popularity(split, "test")
     params = result.model.num_parameters()
     metrics = {
@@ -180,7 +179,6 @@ def train_teacher(
         parent=None,
         recipe=recipe.model_dump(),
         wall_s=time.perf_counter() - started,
-        eval_batch_size=recipe.train.eval_batch_size,
     )
 
 
@@ -207,26 +205,6 @@ def warm_start(teacher: SASRec, cfg: ModelConfig, teacher_ref: str) -> SASRec:
     state = teacher.state_dict()
     state["pos_emb.weight"] = state["pos_emb.weight"][: cfg.max_len].clone()
     model.load_state_dict(state)
-    return model
-
-
-def coded_student(
-    teacher: SASRec, cfg: ModelConfig, seed: int, log: Callable[[str], None] = print
-) -> SASRec:
-    """A fresh student of config `cfg` (coded item embeddings) whose codes and starting
-    codebooks come from the teacher's item matrix (`CodedEmbedding.fit`)."""
-    from compression.coded_embedding import CodedEmbedding
-    from compression.model import SASRec
-    from compression.train import seed_everything
-
-    seed_everything(seed)
-    model = SASRec(cfg)
-    assert isinstance(model.item_emb, CodedEmbedding)
-    fit = model.item_emb.fit(teacher.item_emb.weight.detach().numpy(), seed=seed)
-    log(
-        f"codes from the teacher's item matrix: {int(fit['distinct_items'])} distinct code "
-        f"rows for {cfg.n_items} items, reconstruction R² {fit['reconstruction_r2']:.3f}"
-    )
     return model
 
 
@@ -257,8 +235,6 @@ def distill_student(
         distill_loss = DistillLoss(recipe.distill, teacher, teacher_ndcg)
         loss_fn, on_eval = distill_loss, distill_loss.on_eval
     init_model = warm_start(teacher, student_cfg, parent) if recipe.init == "teacher" else None
-    if student_cfg.emb_codebooks is not None and init_model is None:
-        init_model = coded_student(teacher, student_cfg, recipe.train.seed, log)
     log(
         f"student {student_cfg.model_dump()} from {parent}; "
         f"{'labels only' if loss_fn is None else recipe.distill.strategy}"
@@ -299,5 +275,4 @@ def distill_student(
         recipe=recipe_dump,
         wall_s=wall_s,
         extra_metrics=extra,
-        eval_batch_size=recipe.train.eval_batch_size,
     )

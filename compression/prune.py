@@ -49,12 +49,10 @@ import torch
 from pydantic import Field, StrictFloat, StrictInt, model_validator
 from torch import Tensor, nn
 
-from compression.coded_embedding import CodedEmbedding
 from compression.configs import DistillConfig, ModelConfig, TrainConfig, _Strict
 from compression.data import Split, pad_left
-from compression.embedding import MixedDimEmbedding
 from compression.model import SASRec
-from compression.train import TrainResult, sasrec_loss, train, training_pairs
+from compression.train import LOSS_CHUNK_ROWS, TrainResult, sasrec_loss, train, training_pairs
 
 Batch = tuple[Tensor, Tensor]  # (inputs, next-item targets), both int64 [batch, length]
 Keep = StrictInt | StrictFloat
@@ -71,7 +69,6 @@ class PruneConfig(_Strict):
     )
     calibration_batches: int = Field(8, ge=1, description="training batches used for scores")
     calibration_batch_size: int = Field(64, ge=1)
-    loss_chunk_rows: int = Field(2048, ge=64, description="positions per cross-entropy chunk")
     fine_tune_epochs: int = Field(0, ge=0, description="distillation epochs after pruning")
     sparsity: float = Field(0.0, ge=0.0, lt=1.0, description="magnitude pruning; 0 = none")
     sparsity_scope: Literal["global", "per_layer"] = "global"
@@ -291,11 +288,6 @@ def structured_prune(
     blocks. The input model is left unchanged.
     """
     mc = model.cfg
-    if mc.shared_blocks:
-        raise ValueError(
-            "structured pruning scores each block on its own; this model shares one block's "
-            "weights across its layers (shared_blocks): prune a model without sharing"
-        )
     n_blocks = keep_count(cfg.blocks_keep, mc.n_blocks, "blocks_keep")
     n_heads = keep_count(cfg.heads_keep, mc.n_heads, "heads_keep")
     n_ffn = keep_count(cfg.ffn_keep, mc.ffn_width, "ffn_keep", minimum=min(4, mc.ffn_width))
@@ -309,7 +301,7 @@ def structured_prune(
     work = copy.deepcopy(model).eval()
     for p in work.parameters():
         p.requires_grad_(False)
-    loss_fn = sasrec_loss(cfg.loss_chunk_rows)
+    loss_fn = sasrec_loss(LOSS_CHUNK_ROWS)
 
     b_scores: list[float] = []
     kept_blocks = list(range(mc.n_blocks))
@@ -392,7 +384,7 @@ def fine_tune(
     if teacher_valid_ndcg is None:
         teacher_valid_ndcg = 0.0
         if distill_cfg.strategy == "plateau":
-            valid = evaluate_model(teacher, split, "valid", train_cfg.eval_batch_size)
+            valid = evaluate_model(teacher, split, "valid")
             teacher_valid_ndcg = valid["ndcg@10"]
     loss = DistillLoss(distill_cfg, teacher, teacher_valid_ndcg)
     return train(
@@ -461,14 +453,7 @@ def csr_bytes(weight: Tensor, index_bytes: int = 4) -> int:
 def _prunable(model: SASRec, include_embedding: bool) -> list[tuple[str, Tensor]]:
     out = [(f"{n}.weight", m.weight) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if include_embedding:
-        if isinstance(model.item_emb, MixedDimEmbedding):  # its `weight` is computed
-            out += [(f"item_emb.tables.{i}", t) for i, t in enumerate(model.item_emb.tables)]
-        elif isinstance(model.item_emb, CodedEmbedding):
-            out.append(("item_emb.codebooks", model.item_emb.codebooks))
-        else:
-            out.append(("item_emb.weight", model.item_emb.weight))
-        if model.out_emb is not None:
-            out.append(("out_emb.weight", model.out_emb.weight))
+        out.append(("item_emb.weight", model.item_emb.weight))
     return out
 
 

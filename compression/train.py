@@ -27,12 +27,17 @@ from tqdm.auto import tqdm
 
 from compression.configs import ModelConfig, TrainConfig
 from compression.data import Split, pad_left
-from compression.embedding import MixedDimEmbedding
 from compression.evaluate import evaluate_model
 from compression.model import SASRec
 from compression.successors import add_entries
 from model_store.checkpoint import stored_names
 from model_store.store import CHECKPOINT_FILE, LEGACY_CHECKPOINTS
+
+# Positions per cross-entropy chunk: bounds the logit memory (chunk x items); 2048 measured
+# as fast as the full matrix at ML-1M's 3,416 items (docs/training.md).
+LOSS_CHUNK_ROWS = 2048
+# lr multiplier when validation stalls (with TrainConfig.max_lr_decays).
+LR_DECAY_FACTOR = 0.3
 
 # safetensors with the config in its header; "recsys-sasrec/1" was a pickled dict (torch.save).
 CHECKPOINT_FORMAT = "recsys-sasrec/2"
@@ -222,23 +227,18 @@ def train(
     device = torch.device(train_cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={train_cfg.device!r} but torch sees no CUDA GPU; use 'cpu'")
-    use_bf16 = train_cfg.bf16 and fast_bf16(device)
-    if train_cfg.bf16 and not use_bf16:
+    use_bf16 = fast_bf16(device)
+    if not use_bf16:
         log("bf16 autocast off: this CPU has no native bf16 (AVX-512 BF16 / AMX); fp32")
     if init_model is not None and init_model.cfg != model_cfg:
         raise ValueError("init_model.cfg differs from model_cfg")
-    if init_model is None:
-        model = SASRec(model_cfg)
-        if isinstance(model.item_emb, MixedDimEmbedding):
-            model.item_emb.set_popularity(split.item_counts())
-    else:
-        model = copy.deepcopy(init_model)
-    # Also for a given start model that has none yet (e.g. a coded student made from the
-    # teacher); a pruned or copied model keeps the lists it was trained with.
+    model = SASRec(model_cfg) if init_model is None else copy.deepcopy(init_model)
+    # Also for a given start model that has none yet; a pruned or copied model keeps the
+    # lists it was trained with.
     if model.successors is not None and not bool(model.successors.succ.any()):
         model.successors.fit(split.train)
     model = model.to(device)
-    loss_fn = loss_fn or sasrec_loss(train_cfg.loss_chunk_rows)
+    loss_fn = loss_fn or sasrec_loss(LOSS_CHUNK_ROWS)
     # Windows as long as the teacher reads, one every `max_len` steps: the model is trained
     # on the last `max_len` positions of each, so every step once (without the stride, a
     # 50-item student under a 200-item teacher saw only a quarter of the steps).
@@ -254,13 +254,7 @@ def train(
         started_prepare = time.perf_counter()
         prepare(inputs, targets, model_cfg.max_len)
         log(f"loss prepared in {time.perf_counter() - started_prepare:.1f} s")
-    optimizer = torch.optim.Adam(
-        model.parameters(), lr=train_cfg.lr, betas=(0.9, 0.98), weight_decay=train_cfg.weight_decay
-    )
-    scheduler = None
-    if train_cfg.lr_schedule == "cosine":
-        total_steps = train_cfg.max_epochs * batches_per_epoch(len(inputs), train_cfg.batch_size)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, betas=(0.9, 0.98))
     ema = weight_average(model, train_cfg.ema_epochs, len(inputs), train_cfg.batch_size)
     # What is validated, kept and returned: the moving average when there is one.
     scored = model if ema is None else ema.module
@@ -283,8 +277,6 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
             if ema is not None:
                 ema.update_parameters(model)
             n = int(lengths[idx].sum())
@@ -299,24 +291,16 @@ def train(
             "epoch_s": epoch_s,
             "lr": optimizer.param_groups[0]["lr"],
         }
-        # A run the time limit stops is validated at its last epoch (as at max_epochs), so
-        # it never ends without a validation, whatever `eval_every` says.
-        out_of_time = bool(train_cfg.time_limit_s) and (
-            time.perf_counter() - started >= train_cfg.time_limit_s
-        )
-        validated = (
-            epoch % train_cfg.eval_every == 0 or epoch == train_cfg.max_epochs or out_of_time
-        )
-        if validated:
-            valid = evaluate_model(scored, split, "valid", train_cfg.eval_batch_size)
-            record.update({f"valid_{k}": v for k, v in valid.items() if k != "users"})
-            if on_eval is not None:
-                on_eval(epoch, valid)
-            if valid["ndcg@10"] > best_ndcg:
-                best_ndcg, best_epoch, best_valid, bad_evals = valid["ndcg@10"], epoch, valid, 0
-                best_state = copy.deepcopy(scored.state_dict())
-            else:
-                bad_evals += 1
+        # Every epoch is validated, so a run the time limit stops ends on a validation.
+        valid = evaluate_model(scored, split, "valid")
+        record.update({f"valid_{k}": v for k, v in valid.items() if k != "users"})
+        if on_eval is not None:
+            on_eval(epoch, valid)
+        if valid["ndcg@10"] > best_ndcg:
+            best_ndcg, best_epoch, best_valid, bad_evals = valid["ndcg@10"], epoch, valid, 0
+            best_state = copy.deepcopy(scored.state_dict())
+        else:
+            bad_evals += 1
         history.append(record)
         elapsed = time.perf_counter() - started
         log(
@@ -333,7 +317,7 @@ def train(
             if ema is not None:
                 ema.module.load_state_dict(best_state)
             for group in optimizer.param_groups:
-                group["lr"] *= train_cfg.lr_decay_factor
+                group["lr"] *= LR_DECAY_FACTOR
             log(
                 f"validation stalled: back to epoch {best_epoch}, lr -> "
                 f"{optimizer.param_groups[0]['lr']:.2e}"
@@ -341,7 +325,7 @@ def train(
         elif bad_evals >= train_cfg.patience:
             stopped_by = "early_stopping"
             break
-        if validated and train_cfg.time_limit_s and elapsed >= train_cfg.time_limit_s:
+        if train_cfg.time_limit_s and elapsed >= train_cfg.time_limit_s:
             stopped_by = "time_limit"
             break
     model.load_state_dict(best_state)
@@ -413,7 +397,7 @@ def _read_checkpoint(path: Path) -> SASRec:
         )
     try:
         config = json.loads(metadata["config"])
-        model = SASRec(ModelConfig(**config))
+        model = SASRec(ModelConfig.from_stored(config))
     except Exception as exc:  # missing, not JSON, not a mapping, or refused by ModelConfig
         raise ValueError(f"bad model config in its header ({exc})") from exc
     expected = model.state_dict()

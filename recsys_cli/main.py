@@ -578,7 +578,7 @@ def _torch_module(architecture: dict[str, Any]) -> Any:
     from compression.configs import ModelConfig
     from compression.model import SASRec
 
-    return SASRec(ModelConfig(**architecture)).eval()
+    return SASRec(ModelConfig.from_stored(architecture)).eval()
 
 
 def _pairs(values: list[str], flag: str, cast: Any) -> dict[str, Any]:

@@ -76,7 +76,7 @@ def quick_train(
     from compression.configs import TrainConfig
     from compression.train import train
 
-    train_cfg = TrainConfig(max_epochs=epochs, lr=5e-3, batch_size=64, bf16=False, threads=1)
+    train_cfg = TrainConfig(max_epochs=epochs, lr=5e-3, batch_size=64, threads=1)
     return train(
         cfg, train_cfg, split, progress=False, log=lambda _: None, init_model=init_model
     ).model

@@ -84,32 +84,3 @@ def test_a_short_context_copy_of_the_teacher_starts_from_its_weights(store_with_
     m = distill_student(recipe, store_with_teacher, progress=False, log=lambda _: None).manifest
     assert m.recipe["init"] == "teacher" and m.architecture["max_len"] == 6
     assert 0.95 < m.metrics["params_ratio"] < 1.0  # the same model less 10 position rows
-
-
-def test_a_coded_student_takes_its_codes_from_the_teacher(store_with_teacher) -> None:
-    import torch
-
-    from compression.coded_embedding import CodedEmbedding
-    from compression.train import load_checkpoint
-
-    recipe = StudentRecipe(
-        name="s-coded", teacher="t@latest",
-        model={"hidden": 16, "max_len": 8, "n_blocks": 1, "emb_codebooks": 4, "emb_centroids": 8},
-        train={"max_epochs": 2, "lr": 5e-3},
-    )  # fmt: skip
-    logs: list[str] = []
-    m = distill_student(recipe, store_with_teacher, progress=False, log=logs.append).manifest
-    assert m.architecture["emb_codebooks"] == 4
-    assert any("codes from the teacher's item matrix" in line for line in logs)
-    _, folder = store_with_teacher.load("s-coded@latest")
-    student = load_checkpoint(Path(folder) / "model.safetensors")
-    _, teacher_folder = store_with_teacher.load("t@latest")
-    teacher = load_checkpoint(Path(teacher_folder) / "model.safetensors")
-    fresh = CodedEmbedding(60, 4, 8, 16)
-    fresh.fit(teacher.item_emb.weight.detach().numpy(), seed=recipe.train.seed)
-    assert torch.equal(student.item_emb.codes, fresh.codes)  # fixed during training
-    # counted with its codes, and still far below the teacher
-    assert m.metrics["params"] == student.num_parameters()
-    assert m.metrics["params_ratio"] == pytest.approx(
-        student.num_parameters() / teacher.num_parameters()
-    )

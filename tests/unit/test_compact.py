@@ -19,9 +19,9 @@ from compression.quantize import QuantizeConfig, quantize_int8
 MAX_LEN = 12
 
 
-def exported(tmp_path: Path, positions: str = "from_start") -> Path:
+def exported(tmp_path: Path) -> Path:
     torch.manual_seed(0)
-    cfg = ModelConfig(n_items=60, max_len=MAX_LEN, hidden=16, n_heads=2, positions=positions)
+    cfg = ModelConfig(n_items=60, max_len=MAX_LEN, hidden=16, n_heads=2)
     path = tmp_path / "model.onnx"
     export_onnx(SASRec(cfg).eval(), path)
     return path
@@ -58,9 +58,8 @@ def test_compact_names_keeps_scores_and_shrinks(tmp_path: Path) -> None:
         assert not [n for n in names if n.startswith(("onnx::", "/"))]
 
 
-@pytest.mark.parametrize("positions", ["from_start", "from_end"])
-def test_context_is_cut_in_the_graph(tmp_path: Path, positions: str) -> None:
-    src = exported(tmp_path, positions)
+def test_context_is_cut_in_the_graph(tmp_path: Path) -> None:
+    src = exported(tmp_path)
     short = tmp_path / "ctx5.onnx"
     short.write_bytes(src.read_bytes())
     changes = compact_file(short, max_len=5)

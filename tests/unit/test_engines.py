@@ -108,16 +108,20 @@ def test_the_torch_engine_matches_onnx_runtime_and_pads_short_inputs(folder: Pat
     np.testing.assert_allclose(engine.run(short), ort.run(short), atol=1e-4)
 
 
-def test_the_torch_engine_restores_shared_blocks_stored_once(tmp_path: Path) -> None:
-    torch.manual_seed(1)
-    cfg = CFG.model_copy(update={"n_blocks": 3, "shared_blocks": True})
-    model = SASRec(cfg).eval()
+def test_the_torch_engine_reads_architectures_recorded_before_options_were_retired(
+    tmp_path: Path,
+) -> None:
+    model = SASRec(CFG).eval()
     save_checkpoint(tmp_path / "model.safetensors", model)
-    engine = TorchEngine(
-        tmp_path / "model.safetensors", cfg.model_dump(), _torch_module, MAX_LEN, device="cpu"
-    )
-    assert engine.name == "torch-cpu" and engine.module.blocks[0] is engine.module.blocks[2]
+    # What a manifest of an older version records: retired options at their neutral value.
+    old = {**CFG.model_dump(), "tied": True, "positions": "from_start", "shared_blocks": False}
+    engine = TorchEngine(tmp_path / "model.safetensors", old, _torch_module, MAX_LEN, device="cpu")
     ids = np.random.default_rng(1).integers(1, 41, size=(4, MAX_LEN)).astype(np.int64)
     with torch.inference_mode():
         want = model(torch.from_numpy(ids)).numpy()
     np.testing.assert_allclose(engine.run(ids), want, atol=1e-5)
+    with pytest.raises(Exception, match="shared_blocks=True, an option retired"):
+        TorchEngine(
+            tmp_path / "model.safetensors", {**old, "shared_blocks": True}, _torch_module,
+            MAX_LEN, device="cpu",
+        )  # fmt: skip

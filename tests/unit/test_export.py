@@ -31,21 +31,14 @@ def histories(n: int = 40) -> list[np.ndarray]:
     [
         {},
         {"emb_dim": 8},
-        {"positions": "from_end"},
-        {"tied": False},
         {"n_blocks": 1},
-        {"n_blocks": 3, "shared_blocks": True},  # one block's weights, three layers
+        {"n_blocks": 3},
         {"head_dim": 4},  # heads pruned: attention narrower than hidden
-        {"emb_cutoffs": (20,), "emb_dims": (8, 4)},  # written by PyTorch's exporter
-        {"emb_dim": 4, "item_tower": 12, "tied": False},
-        {"emb_dim": 4, "item_tower": 12},  # residual MLP from item embeddings to scored vectors
         {"emb_dim": 4, "successors": 3, "successor_lags": 2},  # sparse successor lists
     ],
 )
 def test_export_signature_and_parity(tmp_path: Path, kw: dict) -> None:
     m = model(**kw)
-    if m.tower is not None:  # its nonlinear branch starts at zero: give it weights to check
-        torch.nn.init.normal_(m.tower.down.weight, std=0.5)
     if m.successors is not None:  # fitted on the test histories, weights distinct per slot
         m.successors.fit(histories())
         with torch.no_grad():
@@ -116,29 +109,3 @@ def test_both_writers_give_the_same_scores_and_a_bad_writer_is_named(tmp_path: P
     assert nodes["graph"] < nodes["torch"] / 2, nodes
     with pytest.raises(ValueError, match="writer='tf'"):
         export_onnx(m, tmp_path / "x.onnx", writer="tf")  # type: ignore[arg-type]
-
-
-def test_item_tower_is_stored_as_the_matrix_it_computes(tmp_path: Path) -> None:
-    """Folded at export: INT8 and FP16 variants cannot fold it in ONNX Runtime and would
-    recompute the tower on every call."""
-    m = model(emb_dim=4, item_tower=12)
-    torch.nn.init.normal_(m.tower.down.weight, std=0.5)
-    path = tmp_path / "model.onnx"
-    export_onnx(m, path)
-    graph = onnx.load(str(path)).graph
-    stored = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
-    np.testing.assert_allclose(stored["scored_items"], m.output_weight.detach().numpy())
-    assert stored["item_emb.weight"].shape == (61, 4)  # the input side reads the narrow table
-    (scoring,) = [n for n in graph.node if "scored_items" in n.input]
-    assert scoring.op_type == "Gemm" and scoring.output[0] == "scores"
-
-
-def test_shared_blocks_store_their_weights_once(tmp_path: Path) -> None:
-    def stored_values(n_blocks: int) -> int:
-        cfg = ModelConfig(n_items=40, max_len=8, hidden=8, n_blocks=n_blocks, shared_blocks=True)
-        export_onnx(SASRec(cfg), tmp_path / f"{n_blocks}.onnx")
-        graph = onnx.load(tmp_path / f"{n_blocks}.onnx").graph
-        return sum(int(np.prod(t.dims)) for t in graph.initializer)
-
-    # A third layer of the same block adds depth and no stored weights.
-    assert stored_values(3) == stored_values(2)

@@ -129,12 +129,6 @@ def test_pruned_model_equals_original_with_removed_units_switched_off(method: st
             assert r.score <= sorted(kept)[-3]
 
 
-def test_shared_blocks_are_refused_with_the_reason() -> None:
-    shared = tiny(n_blocks=2, shared_blocks=True)
-    with pytest.raises(ValueError, match="shared_blocks"):
-        structured_prune(shared, PruneConfig(ffn_keep=0.5))
-
-
 def test_keep_everything_is_identity_and_input_untouched() -> None:
     model = tiny()
     before = copy.deepcopy(model.state_dict())
@@ -202,7 +196,7 @@ def trained() -> tuple:
     data = synthetic_dataset(SyntheticConfig(users=200, items=40, max_len=12, min_len=5))
     split = leave_one_out(data)
     cfg = ModelConfig(n_items=data.n_items, max_len=12, hidden=16, n_heads=2, n_blocks=2)
-    tc = TrainConfig(max_epochs=3, lr=5e-3, threads=1, bf16=False)
+    tc = TrainConfig(max_epochs=3, lr=5e-3, threads=1)
     return train(cfg, tc, split, progress=False, log=lambda _: None).model, split
 
 
@@ -211,7 +205,7 @@ def test_fine_tune_starts_from_the_pruned_weights(trained: tuple) -> None:
     batches = calibration_batches(split, teacher.cfg.max_len, n_batches=2, batch_size=32)
     assert len(batches) == 2 and batches[0][0].shape == batches[0][1].shape
     pruned, _ = structured_prune(teacher, PruneConfig(heads_keep=1, ffn_keep=0.5), batches)
-    tc = TrainConfig(lr=1e-12, threads=1, bf16=False)
+    tc = TrainConfig(lr=1e-12, threads=1)
     result = fine_tune(pruned, teacher, split, tc, DistillConfig(), epochs=1, log=lambda _: None)
     assert result.epochs_run == 1 and result.model.cfg == pruned.cfg
     for k, v in pruned.state_dict().items():  # a negligible step: the weights are the pruned ones
@@ -223,7 +217,7 @@ def test_fine_tune_starts_from_the_pruned_weights(trained: tuple) -> None:
 def test_recipe_prunes_fine_tunes_and_sparsifies(trained: tuple) -> None:
     teacher, split = trained
     cfg = PruneConfig(heads_keep=1, ffn_keep=0.5, fine_tune_epochs=1, sparsity=0.5)
-    tc = TrainConfig(lr=5e-3, threads=1, bf16=False)
+    tc = TrainConfig(lr=5e-3, threads=1)
     result = prune(teacher, cfg, split, tc, DistillConfig(alpha=1.0), log=lambda _: None)
     assert result.structured is not None and result.fine_tune is not None
     assert result.model.cfg.n_heads == 1 and result.model.cfg.ffn == 8
@@ -280,15 +274,3 @@ def test_embedding_pruning_and_csr_size() -> None:
     assert csr_bytes(sparse.blocks[0].ffn[0].weight) == torch_bytes
     with pytest.raises(ValueError):
         magnitude_prune(model, 1.0)
-
-
-def test_mixed_dimension_models_prune_with_their_popularity_order() -> None:
-    model = tiny(emb_cutoffs=(5, 15), emb_dims=(16, 8, 4))
-    model.item_emb.set_popularity(np.arange(N_ITEMS + 1)[::-1].copy())
-    pruned, _ = structured_prune(model, PruneConfig(heads_keep=2, method="l2"))
-    assert pruned.cfg.emb_cutoffs == (5, 15)
-    assert torch.equal(pruned.item_emb.rows, model.item_emb.rows)
-    assert torch.equal(pruned.item_emb.weight, model.item_emb.weight)
-    _, report = magnitude_prune(model, 0.5, "per_layer", include_embedding=True)
-    tables = [t for t in report.tensors if t.name.startswith("item_emb.tables.")]
-    assert len(tables) == 3 and all(t.sparsity == pytest.approx(0.5, abs=0.05) for t in tables)

@@ -69,7 +69,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
     recipe = TeacherRecipe(
         name="t", data={"path": DATA},
         model={"hidden": 16, "max_len": 12, "n_blocks": 1, "n_heads": 1},
-        train={"max_epochs": 1, "threads": 1, "bf16": False},
+        train={"max_epochs": 1, "threads": 1},
     )  # fmt: skip
     train_teacher(recipe, store, progress=False, log=lambda _: None)
     _publish_student(store, "t@1", seed=0)  # t-student@1: older, left out
