@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from compression.data import pad_left
-from compression.export import INPUT_NAME, OUTPUT_NAME
-from compression.report import _session, _test_histories
+from compression.data.sequences import pad_left
+from compression.export.exporter import INPUT_NAME, OUTPUT_NAME
+from compression.report.compare import _session, _test_histories
 from model_store.store import ModelStore
 
 VISIT_RUNS = 11

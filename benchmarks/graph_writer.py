@@ -1,4 +1,4 @@
-"""What the hand-written ONNX graph (`compression/onnx_graph.py`) is worth against PyTorch's
+"""What the hand-written ONNX graph (`compression/export/graph.py`) is worth against PyTorch's
 exporter, on stored models: each model is exported both ways, checked against PyTorch, made
 into its fastest >= 97% variant the same way the ML-1M recipe does (item matrix int8 per row,
 dynamic INT8, the most recent `--context` items), evaluated (test set, full ranking, history
@@ -22,16 +22,16 @@ from typing import Any
 
 import onnx
 
-from compression.compact import compact_file
-from compression.data import leave_one_out, pad_left
-from compression.evaluate import evaluate_scorer
-from compression.export import check_parity, export_onnx, top_k_agreement
-from compression.item_matrix import quantize_item_matrix
-from compression.onnx_eval import onnx_scorer
+from compression.data.sequences import leave_one_out, pad_left
+from compression.evaluate.metrics import evaluate_scorer
+from compression.evaluate.onnx_scoring import onnx_scorer
+from compression.export.compact import compact_file
+from compression.export.exporter import check_parity, export_onnx, top_k_agreement
+from compression.model.train import load_checkpoint
 from compression.pipeline import load_model_data
-from compression.quantize import quantize_dynamic_int8
-from compression.report import _session, measure_latency
-from compression.train import load_checkpoint
+from compression.quantize.int8 import quantize_dynamic_int8
+from compression.quantize.item_matrix import quantize_item_matrix
+from compression.report.compare import _session, measure_latency
 from model_store.store import CHECKPOINT_FILE, ModelStore
 
 WRITERS = ("torch", "graph")
@@ -140,7 +140,7 @@ def main() -> None:
     }
     (out / f"{args.stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
-        f"Each model exported by PyTorch's exporter (`torch`) and by `compression/onnx_graph.py` "
+        f"Each model exported by PyTorch's exporter (`torch`) and by `compression/export/graph.py` "
         f"(`graph`); its int8-rows-ctx{args.context} variant made from each the same way. "
         f"Quality: test set, full ranking, history masked. Latency: ONNX Runtime CPU, 1 "
         f"intra-op thread, visits of 11 calls (first untimed), p50 over {REPEATS[1]} calls at "

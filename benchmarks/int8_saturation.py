@@ -5,7 +5,7 @@ validation NDCG@10 and latency of each INT8 recipe, both ways.
         --out benchmarks/results/int8-saturation
 
 Without VNNI, ONNX Runtime's u8 x s8 kernels add two products into an int16 and can saturate
-(`compression/cpu_int8.py`); 7-bit weights (`reduce_range`) cannot. Reads the stored
+(`compression/quantize/cpu_int8.py`); 7-bit weights (`reduce_range`) cannot. Reads the stored
 `model.onnx` and manifest, never writes to the store. Latency: median of `--runs` warm calls,
 `--threads` intra-op threads, random full-window histories. Agreement and the largest score
 change against fp32 on `--compare` validation histories; NDCG@10 on `--users` validation
@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 from quantize_check import latency_ms
 
-from compression.cpu_int8 import int8_needs_reduce_range
-from compression.data import leave_one_out
-from compression.item_matrix import quantize_item_matrix
-from compression.onnx_eval import compare_outputs, ndcg_evaluator
+from compression.data.sequences import leave_one_out
+from compression.evaluate.onnx_scoring import compare_outputs, ndcg_evaluator
 from compression.pipeline import load_model_data
-from compression.quantize import QuantizeConfig, quantize_dynamic_int8, quantize_static_int8
+from compression.quantize.cpu_int8 import int8_needs_reduce_range
+from compression.quantize.int8 import QuantizeConfig, quantize_dynamic_int8, quantize_static_int8
+from compression.quantize.item_matrix import quantize_item_matrix
 from model_store.manifest import load_manifest
 
 COLUMNS = (

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compression.data import leave_one_out
-from compression.evaluate import evaluate_model
-from compression.train import load_checkpoint
+from compression.data.sequences import leave_one_out
+from compression.evaluate.metrics import evaluate_model
+from compression.model.train import load_checkpoint
 from compression.variants import load_model_data
 from model_store.store import CHECKPOINT_FILE, ModelStore
 

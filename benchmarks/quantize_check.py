@@ -19,14 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from compression.data import leave_one_out
-from compression.fp16 import convert_fp16
-from compression.item_matrix import quantize_item_matrix
-from compression.onnx_eval import compare_outputs, ndcg_evaluator
-from compression.onnx_files import file_size_bytes
+from compression.data.sequences import leave_one_out
+from compression.evaluate.onnx_scoring import compare_outputs, ndcg_evaluator
+from compression.export.files import file_size_bytes
 from compression.pipeline import load_model_data
-from compression.quantize import QuantizeConfig, quantize_dynamic_int8, quantize_static_int8
-from compression.quantize_adaptive import adaptive_quantize
+from compression.quantize.adaptive import adaptive_quantize
+from compression.quantize.fp16 import convert_fp16
+from compression.quantize.int8 import QuantizeConfig, quantize_dynamic_int8, quantize_static_int8
+from compression.quantize.item_matrix import quantize_item_matrix
 from model_store.manifest import load_manifest
 
 

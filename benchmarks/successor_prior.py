@@ -4,7 +4,7 @@ For the data of a stored model: a first-order Markov chain alone (training trans
 from the last item, or the last three at weights 1, 1/2, 1/4), then each given model's
 log-softmax plus `lam * log(p_markov + 1e-3)` (p_markov: the lag-weighted transition
 frequencies), with the full count table and with each item's top-k successors only
-(`compression.successors.top_successors`, the lists a `successors = k` model stores).
+(`compression.model.successors.top_successors`, the lists a `successors = k` model stores).
 Full ranking, history masked, validation and test (leave-one-out).
 
     python benchmarks/successor_prior.py ml1m-teacher-windows-40min@1 ml1m-student-ctx50-d0@1
@@ -22,12 +22,12 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from compression.data import Split, leave_one_out
-from compression.evaluate import Scorer, evaluate_scorer
-from compression.model import SASRec
+from compression.data.sequences import Split, leave_one_out
+from compression.evaluate.metrics import Scorer, evaluate_scorer
+from compression.model.sasrec import SASRec
+from compression.model.successors import top_successors
+from compression.model.train import load_checkpoint
 from compression.pipeline import load_model_data
-from compression.successors import top_successors
-from compression.train import load_checkpoint
 from model_store.store import CHECKPOINT_FILE, ModelStore
 
 LAGS = (1.0, 0.5, 0.25)

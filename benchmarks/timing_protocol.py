@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from compression.export import INPUT_NAME, OUTPUT_NAME
-from compression.report import _session, _test_histories, measure_latency
+from compression.export.exporter import INPUT_NAME, OUTPUT_NAME
+from compression.report.compare import _session, _test_histories, measure_latency
 from model_store.store import ModelStore
 
 SETTINGS = [(1, 11), (1, 1), (2, 11), (2, 1)]  # (threads, visit_runs)

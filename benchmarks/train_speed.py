@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from compression.configs import ModelConfig
-from compression.data import leave_one_out, load_dataset, pad_left
-from compression.model import FastDropout, SASRec
-from compression.train import (
+from compression.data.sequences import leave_one_out, load_dataset, pad_left
+from compression.model.sasrec import FastDropout, SASRec
+from compression.model.train import (
     full_softmax_ce,
     length_bucketed_batches,
     training_pairs,

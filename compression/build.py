@@ -220,13 +220,13 @@ def _referenced(file: Path, where: str, ref: object, kind: type[Any]) -> Any:
 
 
 def _quantize_config(step: QuantizeStep) -> Any:
-    from compression.quantize import QuantizeConfig
+    from compression.quantize.int8 import QuantizeConfig
 
     return QuantizeConfig(**step.config)
 
 
 def _prune_config(step: PruneStep) -> Any:
-    from compression.prune import PruneConfig
+    from compression.model.prune import PruneConfig
 
     return PruneConfig(**step.config)
 
@@ -268,7 +268,7 @@ def _graph_is_current(store: ModelStore, m: Manifest) -> bool:
     """True when `m`'s ONNX file comes from today's graph writer."""
     import onnx
 
-    from compression.onnx_graph import PRODUCER
+    from compression.export.graph import PRODUCER
 
     _, folder = store.resolve(_ref(m))
     return onnx.load(str(folder / "model.onnx"), load_external_data=False).producer_name == PRODUCER
@@ -276,7 +276,7 @@ def _graph_is_current(store: ModelStore, m: Manifest) -> bool:
 
 def _with_onnx(store: ModelStore, m: Manifest, log: Callable[[str], None]) -> Manifest:
     """`m`, or a re-export of its checkpoint (made now if missing) when `m` has no ONNX graph
-    or one written by PyTorch's exporter: `compression/onnx_graph.py` computes the same
+    or one written by PyTorch's exporter: `compression/export/graph.py` computes the same
     scores with fewer nodes, faster per call. Variants made from the old graph are then
     rebuilt from the new one (their parent changed); fine-tunes of the weights are not."""
     from compression.variants import export_stored

@@ -52,7 +52,7 @@ class ModelConfig(_Strict):
         le=256,
         description="sparse successor lists: also score each of the last successor_lags "
         "items' this many most frequent next items (ids fixed from the training sequences, "
-        "one trained weight per lag and slot; compression/successors.py). The ids count as "
+        "one trained weight per lag and slot; compression/model/successors.py). The ids count as "
         "parameters. None = dense scores only",
     )
     successor_lags: int = Field(
@@ -127,14 +127,14 @@ class TrainConfig(_Strict):
 
 
 class DistillConfig(_Strict):
-    """Distillation loss and adaptive strategy; the rules are in `compression.distill`."""
+    """Distillation loss and adaptive strategy; the rules are in `compression.distill.loss`."""
 
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="KL weight; 1 - alpha goes to L2")
     temperature: float = Field(2.0, gt=0.0, description="softmax temperature T of the KL term")
     beta: float = Field(0.0, ge=0.0, description="hard-label cross-entropy weight")
     top_k: int | None = Field(None, ge=1, description="teacher top-K soft targets only")
     strategy: Literal["fixed", "reliability", "plateau"] = Field(
-        "fixed", description="fixed weights, or an adaptive rule (compression.distill)"
+        "fixed", description="fixed weights, or an adaptive rule (compression.distill.loss)"
     )
     plateau_patience: int = Field(
         2, ge=1, description="plateau: stalled evaluations before weight moves to labels"

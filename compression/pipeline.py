@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compression.configs import DataSpec, ModelConfig, StudentRecipe, TeacherRecipe
-from compression.data import SequenceDataset, Split, leave_one_out, load_dataset
-from compression.evaluate import evaluate_model, evaluate_popularity
+from compression.data.sequences import SequenceDataset, Split, leave_one_out, load_dataset
+from compression.evaluate.metrics import evaluate_model, evaluate_popularity
 from model_store.manifest import DatasetInfo, Manifest
 from model_store.store import CHECKPOINT_FILE, ModelStore
 
 if TYPE_CHECKING:
-    from compression.model import SASRec
+    from compression.model.sasrec import SASRec
 
 METRIC_KEYS = ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr")
 PARITY_SEQUENCES = 512
@@ -103,8 +103,8 @@ def evaluate_and_publish(
     extra_metrics: dict[str, float] | None = None,
 ) -> TrainReport:
     """Test-set and popularity evaluation, then an atomic publish with checkpoint + mapping."""
-    from compression.export import check_parity, export_onnx
-    from compression.train import save_checkpoint
+    from compression.export.exporter import check_parity, export_onnx
+    from compression.model.train import save_checkpoint
 
     test = evaluate_model(result.model, split, "test")
     popularity = evaluate_popularity(split, "test")
@@ -161,7 +161,7 @@ def train_teacher(
     log: Callable[[str], None] = print,
 ) -> TrainReport:
     """Load data, train, evaluate (valid, test, popularity) and publish atomically."""
-    from compression.train import train
+    from compression.model.train import train
 
     data = load_from_spec(recipe.data)
     split = leave_one_out(data)
@@ -186,7 +186,7 @@ def warm_start(teacher: SASRec, cfg: ModelConfig, teacher_ref: str) -> SASRec:
     """A model of config `cfg` holding `teacher`'s weights: the same architecture reading at
     most the teacher's context, so only the position table is cut (to its first rows:
     positions count from the window start). Raises naming the first setting that differs."""
-    from compression.model import SASRec
+    from compression.model.sasrec import SASRec
 
     mine = cfg.model_dump(exclude={"max_len", "dropout"})
     theirs = teacher.cfg.model_dump(exclude={"max_len", "dropout"})
@@ -219,8 +219,8 @@ def distill_student(
     With `recipe.distill = None` the same student learns from labels only: the control that
     distillation has to beat at equal architecture and budget.
     """
-    from compression.distill import DistillLoss
-    from compression.train import load_checkpoint, stored_checkpoint, train
+    from compression.distill.loss import DistillLoss
+    from compression.model.train import load_checkpoint, stored_checkpoint, train
 
     teacher_manifest, folder = store.load(recipe.teacher)
     parent = f"{teacher_manifest.name}@{teacher_manifest.version}"

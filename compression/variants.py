@@ -14,10 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from compression.compact import compact_file
-from compression.data import Split, leave_one_out, pad_left
-from compression.evaluate import evaluate_scorer
-from compression.export import check_parity, export_onnx
+from compression.data.sequences import Split, leave_one_out, pad_left
+from compression.evaluate.metrics import evaluate_scorer
+from compression.export.compact import compact_file
+from compression.export.exporter import check_parity, export_onnx
 from compression.pipeline import PARITY_SEQUENCES, load_model_data, prefixed
 from model_store.manifest import Manifest
 from model_store.store import CHECKPOINT_FILE, ModelStore
@@ -27,7 +27,7 @@ Transform = Callable[[Path, Path, Split], Any]  # (fp32 onnx, variant onnx, data
 
 def _with_counts(manifest: Manifest, folder: Path, split: Split, dst: Path) -> None:
     """The parent's item mapping, with popularity counts added when it predates them."""
-    from compression.data import read_item_mapping, write_item_mapping
+    from compression.data.sequences import read_item_mapping, write_item_mapping
 
     ids = read_item_mapping(folder / manifest.item_mapping)
     write_item_mapping(dst, ids, split.item_counts()[1:])
@@ -37,7 +37,7 @@ def export_stored(store: ModelStore, ref: str) -> Manifest:
     """Publish a new version of a stored PyTorch model that also carries `model.onnx`
     (parity-checked) and popularity counts: for models trained before either existed.
     The service's PyTorch GPU engine reads the checkpoint itself (`CHECKPOINT_FILE`)."""
-    from compression.train import load_checkpoint, stored_checkpoint
+    from compression.model.train import load_checkpoint, stored_checkpoint
 
     manifest, folder = store.load(ref)
     checkpoint = stored_checkpoint(manifest, folder, "export")
@@ -88,8 +88,8 @@ def publish_onnx_variant(
     `transform` may return a dict of details (e.g. the nodes adaptive quantization kept in
     float); they are recorded in the manifest's recipe.
     """
-    from compression.export import top_k_agreement
-    from compression.onnx_eval import onnx_scorer
+    from compression.evaluate.onnx_scoring import onnx_scorer
+    from compression.export.exporter import top_k_agreement
 
     parent, folder = store.load(parent_ref)
     if "model.onnx" not in parent.artifacts:
@@ -156,10 +156,10 @@ def quantize_variant(
     with one scale per row. Calibration uses training histories, the adaptive budget is
     judged on validation users (a seeded sample of `adaptive_users`), and the published
     metrics on the test users: three disjoint roles."""
-    from compression.item_matrix import quantize_item_matrix
-    from compression.onnx_eval import ndcg_evaluator
-    from compression.quantize import quantize_int8
-    from compression.quantize_adaptive import AdaptiveResult
+    from compression.evaluate.onnx_scoring import ndcg_evaluator
+    from compression.quantize.adaptive import AdaptiveResult
+    from compression.quantize.int8 import quantize_int8
+    from compression.quantize.item_matrix import quantize_item_matrix
 
     parent, _ = store.load(parent_ref)
     max_len = int(parent.architecture["max_len"])
@@ -199,7 +199,7 @@ def fp16_variant(
     store: ModelStore, parent_ref: str, name: str | None = None, log: Callable[[str], None] = print
 ) -> Manifest:
     """The graph in float16 with int64 ids in and float32 scores out (for GPU execution)."""
-    from compression.fp16 import convert_fp16
+    from compression.quantize.fp16 import convert_fp16
 
     def transform(src: Path, dst: Path, split: Split) -> dict[str, Any]:
         convert_fp16(src, dst)
@@ -226,10 +226,10 @@ def prune_variant(
     distillation fine-tune from the unpruned parent; evaluated and published like any model."""
     import time
 
-    from compression.evaluate import evaluate_model
+    from compression.evaluate.metrics import evaluate_model
+    from compression.model.prune import prune
+    from compression.model.train import TrainResult, load_checkpoint, stored_checkpoint
     from compression.pipeline import evaluate_and_publish
-    from compression.prune import prune
-    from compression.train import TrainResult, load_checkpoint, stored_checkpoint
 
     parent, folder = store.load(parent_ref)
     checkpoint = stored_checkpoint(parent, folder, "prune")

@@ -192,10 +192,10 @@ def evaluate(
     """Evaluate a stored model with full ranking, next to the popularity baseline."""
     if stage not in ("test", "valid"):
         raise UserError(f"--stage must be 'test' or 'valid', got {stage!r}")
-    from compression.data import leave_one_out
-    from compression.evaluate import evaluate_model, evaluate_popularity
+    from compression.data.sequences import leave_one_out
+    from compression.evaluate.metrics import evaluate_model, evaluate_popularity
+    from compression.model.train import load_checkpoint, stored_checkpoint
     from compression.pipeline import load_model_data
-    from compression.train import load_checkpoint, stored_checkpoint
 
     manifest, folder = _store(store).load(model)
     checkpoint = stored_checkpoint(manifest, folder, "evaluate")
@@ -339,7 +339,7 @@ def quantize(
                                   "adaptive": adaptive, "max_ndcg_loss": max_ndcg_loss}  # fmt: skip
         if mode == "static":
             fields["calibration"] = calibration
-        from compression.quantize import QuantizeConfig
+        from compression.quantize.int8 import QuantizeConfig
 
         cfg = _validated(QuantizeConfig, fields)
         m = quantize_variant(s, model, cfg, item_matrix=item_matrix, name=name)
@@ -352,7 +352,7 @@ def quantize(
 
 
 # The demo's data: 500 items in 20 "tastes", histories of 20-150 items in which the next item
-# depends mostly on the last one (compression/synthetic.py), so a one-block student that reads
+# depends mostly on the last one (compression/data/synthetic.py), so a one-block student that reads
 # the last 20 items (with successor lists, the project's best student family) matches a
 # two-block teacher that reads 150, at about a tenth of its latency. Measured 2026-12-06 on
 # 2 cores: teacher 0.6709 NDCG@10, distilled 0.6742, its INT8 0.6736 at 8.6x, labels-only
@@ -402,7 +402,7 @@ def _build_and_report(
 ) -> Any:
     """Build, compare, write the report (and print it with `show`); return the report."""
     from compression.build import run_build
-    from compression.report import compare_family, write_report
+    from compression.report.compare import compare_family, write_report
 
     s = _store(store)
     built = run_build(recipe, s, progress=progress, log=_quiet if progress else typer.echo)
@@ -576,7 +576,7 @@ def _torch_module(architecture: dict[str, Any]) -> Any:
     weights come from the version's safetensors). Imports `compression` only when called,
     i.e. when the torch engine is chosen (engine "torch", or "auto" without model.onnx)."""
     from compression.configs import ModelConfig
-    from compression.model import SASRec
+    from compression.model.sasrec import SASRec
 
     return SASRec(ModelConfig.from_stored(architecture)).eval()
 
@@ -635,7 +635,7 @@ def compare(
     ] = None,
 ) -> None:
     """Compare a teacher with every stored model made from it: quality, agreement, latency."""
-    from compression.report import compare_family, write_report
+    from compression.report.compare import compare_family, write_report
 
     sizes = batch_size or [1, 64]
     report = compare_family(
@@ -668,7 +668,7 @@ def export_triton_cmd(
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
 ) -> None:
     """Write stored ONNX models / TensorRT engines as a Triton Inference Server repository."""
-    from compression.triton import export_triton
+    from compression.export.triton import export_triton
 
     written = export_triton(
         _store(store), model or None, out, max_batch_size=max_batch_size, overwrite=overwrite
@@ -679,7 +679,7 @@ def export_triton_cmd(
 
 def main() -> None:
     """Console entry point: one line and exit 2 for every user error, never a traceback."""
-    from compression.data import DataError
+    from compression.data.sequences import DataError
     from model_store.manifest import ManifestError
     from model_store.store import StoreError
 

@@ -12,8 +12,8 @@ if TYPE_CHECKING:
     import onnx
 
     from compression.configs import ModelConfig
-    from compression.data import Split
-    from compression.model import SASRec
+    from compression.data.sequences import Split
+    from compression.model.sasrec import SASRec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Real data sets are never committed (their licences forbid it): read them by path.
@@ -58,7 +58,7 @@ def export_with_parity(model: SASRec, path: Path) -> None:
     histories of 1-29 items, odd batch size included."""
     import numpy as np
 
-    from compression.export import check_parity, export_onnx
+    from compression.export.exporter import check_parity, export_onnx
 
     export_onnx(model, path)
     n_items = model.cfg.n_items
@@ -74,7 +74,7 @@ def quick_train(
     """A few quiet epochs on one thread in fp32 (lr 5e-3, batch 64): weights with structure
     for export and quantization tests."""
     from compression.configs import TrainConfig
-    from compression.train import train
+    from compression.model.train import train
 
     train_cfg = TrainConfig(max_epochs=epochs, lr=5e-3, batch_size=64, threads=1)
     return train(

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from compression.configs import ModelConfig
-from compression.export import export_onnx
-from compression.model import SASRec
+from compression.export.exporter import export_onnx
+from compression.model.sasrec import SASRec
 from model_store.store import ModelStore
 
 

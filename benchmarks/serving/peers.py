@@ -60,7 +60,7 @@ def model_app(folder: Path, kind: str) -> FastAPI:
     else:
         import torch
 
-        from compression.train import load_checkpoint
+        from compression.model.train import load_checkpoint
         from model_store.store import CHECKPOINT_FILE
 
         model = load_checkpoint(folder / CHECKPOINT_FILE).eval()

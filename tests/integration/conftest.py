@@ -12,8 +12,8 @@ import torch
 from fastapi.testclient import TestClient
 
 from compression.configs import ModelConfig
-from compression.export import export_onnx
-from compression.model import SASRec
+from compression.export.exporter import export_onnx
+from compression.model.sasrec import SASRec
 from model_store import ModelStore
 
 N_ITEMS = 40

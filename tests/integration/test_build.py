@@ -132,21 +132,21 @@ def test_a_family_exported_by_pytorch_is_upgraded_without_training_again(
     import onnx
 
     import compression.build
-    import compression.export
+    import compression.export.exporter
     import compression.variants
-    from compression.onnx_graph import PRODUCER
+    from compression.export.graph import PRODUCER
 
     path = tmp_path / "tiny.toml"
     path.write_text(RECIPE)
     recipe = load_build_recipe(path)
     store = ModelStore(tmp_path / "store")
-    real = compression.export.export_onnx
+    real = compression.export.exporter.export_onnx
 
     def torch_export(model: object, out: Path, writer: str = "graph") -> None:
         real(model, out, writer="torch")  # type: ignore[arg-type]
 
     # a store built before the graph writer existed (and before builds looked at the writer)
-    for module in (compression.export, compression.variants):
+    for module in (compression.export.exporter, compression.variants):
         monkeypatch.setattr(module, "export_onnx", torch_export)
     monkeypatch.setattr(compression.build, "_graph_is_current", lambda store, m: True)
     old = run_build(recipe, store, progress=False, log=lambda _: None)

@@ -133,7 +133,7 @@ def test_train_from_generic_event_csv(monkeypatch, capsys, tmp_path) -> None:
         monkeypatch, capsys, *base, "--user-col", "who", "--item-col", "what", "--time-col", "when"
     )
     assert code == 0, err
-    from compression.data import read_item_mapping
+    from compression.data.sequences import read_item_mapping
 
     mapping = read_item_mapping(Path(store) / "ev" / "1" / "items.json")
     assert mapping and all(item.startswith("item") for item in mapping)  # the user's own ids

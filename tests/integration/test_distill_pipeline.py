@@ -61,8 +61,8 @@ def test_unknown_teacher_is_a_clear_error(store_with_teacher) -> None:
 def test_a_short_context_copy_of_the_teacher_starts_from_its_weights(store_with_teacher) -> None:
     import torch
 
+    from compression.model.train import load_checkpoint
     from compression.pipeline import warm_start
-    from compression.train import load_checkpoint
 
     _, folder = store_with_teacher.load("t@latest")
     teacher = load_checkpoint(Path(folder) / "model.safetensors")

@@ -11,7 +11,7 @@ import pytest
 
 from compression.configs import TeacherRecipe, TrainConfig
 from compression.pipeline import train_teacher
-from compression.quantize import QuantizeConfig, quantize_dynamic_int8
+from compression.quantize.int8 import QuantizeConfig, quantize_dynamic_int8
 from compression.variants import (
     export_stored,
     fp16_variant,
@@ -129,7 +129,7 @@ def test_fp16_variant_keeps_int64_in_and_float32_out(store: ModelStore) -> None:
 
 
 def test_pruned_variant_is_smaller_fine_tuned_and_published(store: ModelStore) -> None:
-    from compression.prune import PruneConfig
+    from compression.model.prune import PruneConfig
 
     cfg = PruneConfig(heads_keep=1, ffn_keep=0.5, fine_tune_epochs=1, sparsity=0.5)
     m = prune_variant(store, "t@1", cfg, train_cfg=TrainConfig(lr=5e-3), log=lambda _: None)
@@ -141,7 +141,7 @@ def test_pruned_variant_is_smaller_fine_tuned_and_published(store: ModelStore) -
 
 
 def test_models_of_a_re_exported_teacher_stay_in_its_family(store: ModelStore) -> None:
-    from compression.report import find_family
+    from compression.report.compare import find_family
 
     m, folder = store.load("t@1")
     legacy = checkpoint_only(store, "old")

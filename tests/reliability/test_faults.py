@@ -27,8 +27,8 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from compression.configs import ModelConfig
-from compression.export import export_onnx
-from compression.model import SASRec
+from compression.export.exporter import export_onnx
+from compression.model.sasrec import SASRec
 from model_store import ModelStore
 from tests.integration.conftest import MAX_LEN
 from tests.reliability.conftest import AUTH, TOKEN, make_settings, wait_ready

@@ -24,10 +24,10 @@ from safetensors.torch import load_file, save_file
 from app.engines import EngineError, TorchEngine, build_engine
 from app.model import LoadedModel, ModelLoadError
 from compression.configs import DataSpec, ModelConfig, StudentRecipe
-from compression.model import SASRec
+from compression.model.prune import PruneConfig
+from compression.model.sasrec import SASRec
+from compression.model.train import load_checkpoint, save_checkpoint
 from compression.pipeline import dataset_info, distill_student, load_from_spec, signature
-from compression.prune import PruneConfig
-from compression.train import load_checkpoint, save_checkpoint
 from compression.variants import export_stored, prune_variant
 from model_store.store import CHECKPOINT_FILE, ModelStore
 from recsys_cli.main import _torch_module, main

@@ -31,8 +31,8 @@ from pathlib import Path
 import pytest
 
 from compression.configs import ModelConfig
-from compression.export import export_onnx
-from compression.model import SASRec
+from compression.export.exporter import export_onnx
+from compression.model.sasrec import SASRec
 from model_store import ModelStore
 from tests.integration.conftest import COUNTS, N_ITEMS, ORIGINAL_IDS
 from tests.reliability.live import (

@@ -10,11 +10,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from compression.compact import POSITION_TABLE, compact_file, shorten_context
 from compression.configs import ModelConfig
-from compression.export import export_onnx
-from compression.model import SASRec
-from compression.quantize import QuantizeConfig, quantize_int8
+from compression.export.compact import POSITION_TABLE, compact_file, shorten_context
+from compression.export.exporter import export_onnx
+from compression.model.sasrec import SASRec
+from compression.quantize.int8 import QuantizeConfig, quantize_int8
 
 MAX_LEN = 12
 

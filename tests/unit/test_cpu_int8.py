@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compression.cpu_int8 import u8s8_saturates, x86_flags
-from compression.item_matrix import quantize_rows
+from compression.quantize.cpu_int8 import u8s8_saturates, x86_flags
+from compression.quantize.item_matrix import quantize_rows
 
 AVX2_EPYC = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n"
 VNNI_XEON = "processor\t: 0\nflags\t\t: avx2 avx512f avx512bw avx512_vnni\n"

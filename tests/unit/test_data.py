@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compression.data import (
+from compression.data.sequences import (
     DataError,
     leave_one_out,
     load_dataset,
@@ -15,7 +15,7 @@ from compression.data import (
     pad_left,
     read_item_mapping,
 )
-from compression.synthetic import SyntheticConfig, synthetic_dataset
+from compression.data.synthetic import SyntheticConfig, synthetic_dataset
 
 
 def write(tmp_path: Path, text: str, name: str = "seq.txt") -> Path:

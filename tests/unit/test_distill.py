@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from compression import distill as distill_module
 from compression.configs import ModelConfig
-from compression.data import pad_left
-from compression.distill import (
+from compression.data.sequences import pad_left
+from compression.distill import loss as distill_module
+from compression.distill.loss import (
     DistillConfig,
     DistillLoss,
     distill_terms,
     reliability_weight,
 )
-from compression.model import SASRec
+from compression.model.sasrec import SASRec
 
 S = torch.tensor([[1.0, 0.0, -1.0], [0.5, 2.0, 0.0]])
 T = torch.tensor([[2.0, 0.5, 0.0], [0.0, 1.0, 3.0]])

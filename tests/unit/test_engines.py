@@ -11,9 +11,9 @@ import torch
 
 from app.engines import EngineError, OrtEngine, TorchEngine, build_engine
 from compression.configs import ModelConfig
-from compression.export import export_onnx
-from compression.model import SASRec
-from compression.train import save_checkpoint
+from compression.export.exporter import export_onnx
+from compression.model.sasrec import SASRec
+from compression.model.train import save_checkpoint
 from recsys_cli.main import _torch_module
 
 MAX_LEN = 8

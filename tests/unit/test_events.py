@@ -9,13 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from compression.data import (
+from compression.data.events import load_event_file
+from compression.data.sequences import (
     DataError,
     SequenceDataset,
     load_dataset,
     read_item_mapping,
 )
-from compression.events import load_event_file
 from model_store.store import sha256_file
 
 

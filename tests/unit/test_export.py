@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from compression.configs import ModelConfig
-from compression.export import ExportError, check_parity, export_onnx, top_k_agreement
-from compression.model import SASRec
+from compression.export.exporter import ExportError, check_parity, export_onnx, top_k_agreement
+from compression.model.sasrec import SASRec
 
 
 def model(seed: int = 0, **kw: object) -> SASRec:

@@ -24,16 +24,16 @@ from app.model import DENSE_IDS, LoadedModel, ModelLoadError
 from app.schemas import RecommendRequest
 from app.settings import Settings
 from compression.configs import ModelConfig
-from compression.data import (
+from compression.data.events import load_event_file
+from compression.data.sequences import (
     DataError,
     SequenceDataset,
     leave_one_out,
     load_sequence_file,
     write_item_mapping,
 )
-from compression.events import load_event_file
-from compression.export import export_onnx
-from compression.model import SASRec
+from compression.export.exporter import export_onnx
+from compression.model.sasrec import SASRec
 from compression.pipeline import dataset_info, signature
 from model_store import DatasetInfo, ModelStore
 from model_store.item_ids import ItemIdError, check_item_ids, is_canonical_decimal, item_id_key

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from compression.data import Split
-from compression.evaluate import (
+from compression.data.sequences import Split
+from compression.evaluate.metrics import (
     evaluate_popularity,
     masked_ranks,
     metrics_from_ranks,
@@ -127,7 +127,7 @@ def test_popularity_baseline_with_all_equal_counts_is_not_flattered() -> None:
 
 def test_torch_and_numpy_ranks_agree_with_forced_ties() -> None:
     torch = pytest.importorskip("torch")
-    from compression.distill import distill_terms
+    from compression.distill.loss import distill_terms
 
     rng = np.random.default_rng(1)
     rows, items = 64, 40

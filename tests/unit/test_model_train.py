@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from compression.configs import ModelConfig, TrainConfig
-from compression.data import leave_one_out
-from compression.evaluate import evaluate_model, evaluate_popularity
-from compression.model import FastDropout, SASRec
-from compression.synthetic import SyntheticConfig, synthetic_dataset
-from compression.train import (
+from compression.data.sequences import leave_one_out
+from compression.data.synthetic import SyntheticConfig, synthetic_dataset
+from compression.evaluate.metrics import evaluate_model, evaluate_popularity
+from compression.model.sasrec import FastDropout, SASRec
+from compression.model.train import (
     batches_per_epoch,
     full_softmax_ce,
     length_bucketed_batches,
@@ -171,7 +171,7 @@ def test_training_learns_sequential_structure() -> None:
 
 
 def test_lr_decays_on_plateau_from_the_best_weights(monkeypatch: pytest.MonkeyPatch) -> None:
-    import compression.train as train_module
+    import compression.model.train as train_module
 
     scripted = iter([0.10, 0.20, 0.15, 0.14, 0.25, 0.11, 0.12, 0.13, 0.09])
     monkeypatch.setattr(

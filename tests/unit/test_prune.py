@@ -12,11 +12,11 @@ import torch
 from pydantic import ValidationError
 
 from compression.configs import DistillConfig, ModelConfig, TrainConfig
-from compression.data import leave_one_out
-from compression.evaluate import evaluate_model
-from compression.export import check_parity, export_onnx
-from compression.model import SASRec
-from compression.prune import (
+from compression.data.sequences import leave_one_out
+from compression.data.synthetic import SyntheticConfig, synthetic_dataset
+from compression.evaluate.metrics import evaluate_model
+from compression.export.exporter import check_parity, export_onnx
+from compression.model.prune import (
     PruneConfig,
     calibration_batches,
     csr_bytes,
@@ -26,8 +26,8 @@ from compression.prune import (
     prune,
     structured_prune,
 )
-from compression.synthetic import SyntheticConfig, synthetic_dataset
-from compression.train import load_checkpoint, save_checkpoint, train
+from compression.model.sasrec import SASRec
+from compression.model.train import load_checkpoint, save_checkpoint, train
 
 N_ITEMS = 30
 

@@ -11,21 +11,21 @@ import pytest
 from pydantic import ValidationError
 
 from compression.configs import ModelConfig
-from compression.cpu_int8 import int8_needs_reduce_range
-from compression.data import Split, leave_one_out
-from compression.export import export_onnx
-from compression.fp16 import convert_fp16
-from compression.item_matrix import quantize_item_matrix, quantize_rows
-from compression.onnx_eval import compare_outputs, ndcg_evaluator
-from compression.onnx_files import QuantizeError, describe
-from compression.quantize import (
+from compression.data.sequences import Split, leave_one_out
+from compression.data.synthetic import SyntheticConfig, synthetic_dataset
+from compression.evaluate.onnx_scoring import compare_outputs, ndcg_evaluator
+from compression.export.exporter import export_onnx
+from compression.export.files import QuantizeError, describe
+from compression.quantize.adaptive import adaptive_quantize
+from compression.quantize.cpu_int8 import int8_needs_reduce_range
+from compression.quantize.fp16 import convert_fp16
+from compression.quantize.int8 import (
     QuantizeConfig,
     quantizable_nodes,
     quantize_dynamic_int8,
     quantize_static_int8,
 )
-from compression.quantize_adaptive import adaptive_quantize
-from compression.synthetic import SyntheticConfig, synthetic_dataset
+from compression.quantize.item_matrix import quantize_item_matrix, quantize_rows
 from tests.conftest import quick_train
 
 MAX_LEN = 20

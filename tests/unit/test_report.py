@@ -1,4 +1,4 @@
-"""`compression.report`: family discovery, measured agreement, retention, Pareto marking,
+"""`compression.report.compare`: family discovery, measured agreement, retention, Pareto marking,
 the three output files, and the `recsys compare` CLI (tiny models, a handful of timed runs)."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from compression.configs import ModelConfig, TeacherRecipe
-from compression.export import export_onnx
-from compression.model import SASRec
+from compression.export.exporter import export_onnx
+from compression.model.sasrec import SASRec
 from compression.pipeline import train_teacher
-from compression.quantize import QuantizeConfig
-from compression.report import (
+from compression.quantize.int8 import QuantizeConfig
+from compression.report.compare import (
     MAX_LABELLED_POINTS,
     Latency,
     Report,

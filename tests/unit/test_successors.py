@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from compression.configs import ModelConfig
-from compression.data import Split, leave_one_out, pad_left
-from compression.export import export_onnx
-from compression.fp16 import convert_fp16
-from compression.item_matrix import quantize_item_matrix
-from compression.model import SASRec
-from compression.quantize import quantize_dynamic_int8
-from compression.successors import top_successors
-from compression.synthetic import SyntheticConfig, synthetic_dataset
+from compression.data.sequences import Split, leave_one_out, pad_left
+from compression.data.synthetic import SyntheticConfig, synthetic_dataset
+from compression.export.exporter import export_onnx
+from compression.model.sasrec import SASRec
+from compression.model.successors import top_successors
+from compression.quantize.fp16 import convert_fp16
+from compression.quantize.int8 import quantize_dynamic_int8
+from compression.quantize.item_matrix import quantize_item_matrix
 from tests.conftest import quick_train
 
 N_ITEMS = 40

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-import compression.tensorrt as trt_mod
-from compression.tensorrt import (
+import compression.export.tensorrt as trt_mod
+from compression.export.tensorrt import (
     EngineBuildError,
     EngineConfig,
     EngineInfo,
@@ -335,9 +335,9 @@ def test_real_engine_build_and_run(tmp_path: Path) -> None:
     import torch
 
     from compression.configs import ModelConfig
-    from compression.data import pad_left
-    from compression.export import export_onnx, top_k_agreement
-    from compression.model import SASRec
+    from compression.data.sequences import pad_left
+    from compression.export.exporter import export_onnx, top_k_agreement
+    from compression.model.sasrec import SASRec
 
     torch.manual_seed(0)
     model = SASRec(ModelConfig(n_items=200, max_len=20, hidden=32, n_heads=2)).eval()

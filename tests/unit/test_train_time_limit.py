@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from compression.configs import ModelConfig, TrainConfig
-from compression.data import leave_one_out
+from compression.data.sequences import leave_one_out
+from compression.data.synthetic import SyntheticConfig, synthetic_dataset
+from compression.model.train import train
 from compression.pipeline import prefixed
-from compression.synthetic import SyntheticConfig, synthetic_dataset
-from compression.train import train
 
 
 def tiny_run(**train_kw: object):

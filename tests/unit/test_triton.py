@@ -1,4 +1,4 @@
-"""compression.triton: a Triton model repository from the store, parsed back with Triton's
+"""compression.export.triton: a Triton model repository from the store, parsed back with Triton's
 own protobuf classes (needs `pip install "tritonclient[grpc]"`; skipped without it)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ pytest.importorskip(
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-from compression.triton import TritonExportError, export_triton
+from compression.export.triton import TritonExportError, export_triton
 from model_store import ModelStore
 from model_store.store import sha256_file
 from tests.integration.conftest import N_ITEMS, publish_tiny

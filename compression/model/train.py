@@ -26,10 +26,10 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from compression.configs import ModelConfig, TrainConfig
-from compression.data import Split, pad_left
-from compression.evaluate import evaluate_model
-from compression.model import SASRec
-from compression.successors import add_entries
+from compression.data.sequences import Split, pad_left
+from compression.evaluate.metrics import evaluate_model
+from compression.model.sasrec import SASRec
+from compression.model.successors import add_entries
 from model_store.checkpoint import stored_names
 from model_store.store import CHECKPOINT_FILE, LEGACY_CHECKPOINTS
 
@@ -179,7 +179,7 @@ class TrainResult:
 
 # (model, inputs, targets, rows=None): `rows` are the batch's indices into the training
 # pairs, for losses that cached something per pair in an optional `prepare(inputs, targets,
-# width)` hook that `train` calls once (compression.distill).
+# width)` hook that `train` calls once (compression.distill.loss).
 LossFn = Callable[..., Tensor]
 EvalHook = Callable[[int, dict[str, float]], None]
 

@@ -5,10 +5,10 @@
   fastest and most accurate INT8 mode on this CPU, so it is the default.
 - `quantize_static_int8`: QDQ format with activation ranges calibrated on training sequences.
 - `quantize_int8`: what a recipe's [quantize] table selects, including the adaptive search
-  of `compression.quantize_adaptive` (harmful nodes kept in float).
+  of `compression.quantize.adaptive` (harmful nodes kept in float).
 
-The item-embedding matrix has its own int8 format (`compression.item_matrix`), float16 its
-own module (`compression.fp16`); file handling is shared (`compression.onnx_files`).
+The item-embedding matrix has its own int8 format (`compression.quantize.item_matrix`), float16 its
+own module (`compression.quantize.fp16`); file handling is shared (`compression.export.files`).
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from compression.compact import constant_value
-from compression.data import pad_left
-from compression.export import INPUT_NAME
-from compression.onnx_files import (
+from compression.data.sequences import pad_left
+from compression.export.compact import constant_value
+from compression.export.exporter import INPUT_NAME
+from compression.export.files import (
     MATMUL_OPS,
     ModelSummary,
     QuantizeError,
@@ -42,7 +42,7 @@ from compression.onnx_files import (
 )
 
 if TYPE_CHECKING:
-    from compression.quantize_adaptive import AdaptiveResult
+    from compression.quantize.adaptive import AdaptiveResult
 
 
 class QuantizeConfig(BaseModel):
@@ -65,7 +65,7 @@ class QuantizeConfig(BaseModel):
     reduce_range: bool = Field(
         False,
         description="7-bit weights, which cannot overflow the int16 sums of CPUs without "
-        "VNNI (compression.cpu_int8); off: on the ML-1M teacher 8 bits kept more top-10 "
+        "VNNI (compression.quantize.cpu_int8); off: on the ML-1M teacher 8 bits kept more top-10 "
         "agreement even there",
     )
     op_types: tuple[str, ...] | None = Field(
@@ -486,7 +486,7 @@ def quantize_int8(
 ) -> ModelSummary | AdaptiveResult:
     """Dispatch on `cfg.mode` and `cfg.adaptive` (what a recipe's [quantize] table selects)."""
     if cfg.adaptive:
-        from compression.quantize_adaptive import adaptive_quantize
+        from compression.quantize.adaptive import adaptive_quantize
 
         if scorer_eval is None or proxy_histories is None:
             raise QuantizeError(

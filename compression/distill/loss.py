@@ -52,10 +52,10 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from compression.configs import DistillConfig
-from compression.data import pad_left
-from compression.evaluate import target_rank_torch
-from compression.model import SASRec
-from compression.successors import add_entries
+from compression.data.sequences import pad_left
+from compression.evaluate.metrics import target_rank_torch
+from compression.model.sasrec import SASRec
+from compression.model.successors import add_entries
 
 # Student positions per loss chunk: bounds the [chunk, items] logit memory of each term.
 CHUNK_ROWS = 1024
@@ -218,7 +218,7 @@ class DistillState:
 
 
 class DistillLoss:
-    """Callable `(student, inputs, targets) -> loss` for `compression.train.train`."""
+    """Callable `(student, inputs, targets) -> loss` for `compression.model.train.train`."""
 
     def __init__(self, cfg: DistillConfig, teacher: SASRec, teacher_valid_ndcg: float) -> None:
         self.cfg = cfg

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from compression.data import DataError, SequenceDataset
+from compression.data.sequences import DataError, SequenceDataset
 
 
 class SyntheticConfig(BaseModel):

@@ -4,7 +4,7 @@ The graph takes `item_ids` (int64 `[batch, length]`, internal ids, left-padded w
 first; longer histories are cut to the model's window inside the graph) and returns `scores`
 (float32 `[batch, n_items + 1]`, column = internal item id, column 0 is padding). Only the
 last position is computed in the last block (see `SASRec.forward`). The graph is written node
-by node (`compression.onnx_graph`); PyTorch's exporter remains for models that writer does not
+by node (`compression.export.graph`); PyTorch's exporter remains for models that writer does not
 cover and on request (`writer="torch"`). Either way the file is checked against PyTorch.
 """
 
@@ -20,9 +20,9 @@ import numpy as np
 import onnx
 import torch
 
-from compression import onnx_graph
-from compression.data import pad_left
-from compression.model import SASRec
+from compression.data.sequences import pad_left
+from compression.export import graph as onnx_graph
+from compression.model.sasrec import SASRec
 
 INPUT_NAME = "item_ids"
 OUTPUT_NAME = "scores"
@@ -49,7 +49,7 @@ class ParityReport:
 def export_onnx(model: SASRec, path: Path, writer: Literal["graph", "torch"] = "graph") -> None:
     """Write `model` as ONNX to `path` (written to a temporary name, then renamed).
 
-    `writer="graph"` writes the graph node by node (`compression.onnx_graph`: fewer nodes,
+    `writer="graph"` writes the graph node by node (`compression.export.graph`: fewer nodes,
     faster per call); models it does not cover, and `writer="torch"`, go through PyTorch's
     exporter.
     """

@@ -1,5 +1,5 @@
 """Scoring and evaluating ONNX variants: output comparison against fp32, ORT scorers for
-`compression.evaluate`, and the NDCG@10 evaluator the adaptive quantizer calls."""
+`compression.evaluate.metrics`, and the NDCG@10 evaluator the adaptive quantizer calls."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from compression.data import Split, pad_left
-from compression.evaluate import Scorer, evaluate_scorer
-from compression.export import INPUT_NAME, OUTPUT_NAME, top_k_agreement
-from compression.onnx_files import (
+from compression.data.sequences import Split, pad_left
+from compression.evaluate.metrics import Scorer, evaluate_scorer
+from compression.export.exporter import INPUT_NAME, OUTPUT_NAME, top_k_agreement
+from compression.export.files import (
     QuantizeError,
     ScorerEval,
     cpu_session,
@@ -52,7 +52,7 @@ def compare_outputs(
 
 
 def onnx_scorer(path: str | Path, threads: int | None = None) -> Scorer:
-    """An ORT session on `path` as a `compression.evaluate` scorer."""
+    """An ORT session on `path` as a `compression.evaluate.metrics` scorer."""
     session = cpu_session(Path(path), threads)
 
     def score(batch: np.ndarray) -> np.ndarray:

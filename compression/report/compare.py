@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from compression.data import pad_left
-from compression.export import INPUT_NAME, OUTPUT_NAME, top_k_agreement
+from compression.data.sequences import pad_left
+from compression.export.exporter import INPUT_NAME, OUTPUT_NAME, top_k_agreement
 from model_store.manifest import Manifest
 from model_store.store import ModelStore, StoreError
 
@@ -357,7 +357,7 @@ def measure_latency(
 
 
 def _test_histories(teacher: Manifest) -> list[np.ndarray]:
-    from compression.data import leave_one_out
+    from compression.data.sequences import leave_one_out
     from compression.pipeline import load_model_data
 
     return leave_one_out(load_model_data(teacher)).eval_inputs("test")[0]

@@ -10,10 +10,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from compression.compact import constant_value
-from compression.cpu_int8 import int8_needs_reduce_range
-from compression.export import OUTPUT_NAME
-from compression.onnx_files import (
+from compression.export.compact import constant_value
+from compression.export.exporter import OUTPUT_NAME
+from compression.export.files import (
     QuantizeError,
     atomic_output,
     load_scoring_model,
@@ -22,6 +21,7 @@ from compression.onnx_files import (
     save_model,
     score_width,
 )
+from compression.quantize.cpu_int8 import int8_needs_reduce_range
 
 MS_DOMAIN = "com.microsoft"
 
@@ -88,7 +88,7 @@ def quantize_item_matrix(
       (1.5-2.5x the fp32 latency at batch 1 on the Beauty teacher, measured twice).
 
     `reduce_range` stores 7-bit rows ([-63, 63]) so QGemm's u8 x s8 products cannot saturate
-    on x86 CPUs without VNNI (`compression.cpu_int8`); None (default) decides by this CPU
+    on x86 CPUs without VNNI (`compression.quantize.cpu_int8`); None (default) decides by this CPU
     when the output product is int8, and keeps 8 bits for `"float"`, which dequantizes
     exactly. 8-bit rows on this AVX2-only EPYC moved a small model's scores by 0.37.
 
@@ -110,7 +110,7 @@ def quantize_item_matrix(
 
     producers = producer_map(graph)
     out_node = producers[OUTPUT_NAME]
-    # The scores before successor lists add to them (compression/successors.py).
+    # The scores before successor lists add to them (compression/model/successors.py).
     scores_name = OUTPUT_NAME
     if out_node.op_type == "ScatterElements":
         scores_name = out_node.input[0]

@@ -28,7 +28,7 @@ loss of the whole model (exact, and cheap: there are few blocks). Blocks go firs
 neurons are then scored in the model that keeps only the surviving blocks.
 
 After structured pruning, `fine_tune` recovers quality by distillation with the unpruned model
-as teacher (`compression.distill.DistillLoss` through `compression.train.train`).
+as teacher (`compression.distill.loss.DistillLoss` through `compression.model.train.train`).
 
 `magnitude_prune` zeroes the smallest weights to a target sparsity. The tensors keep their
 dense shapes: dense runtimes (PyTorch, ONNX Runtime CPU, TensorRT without 2:4 structured
@@ -50,9 +50,9 @@ from pydantic import Field, StrictFloat, StrictInt, model_validator
 from torch import Tensor, nn
 
 from compression.configs import DistillConfig, ModelConfig, TrainConfig, _Strict
-from compression.data import Split, pad_left
-from compression.model import SASRec
-from compression.train import LOSS_CHUNK_ROWS, TrainResult, sasrec_loss, train, training_pairs
+from compression.data.sequences import Split, pad_left
+from compression.model.sasrec import SASRec
+from compression.model.train import LOSS_CHUNK_ROWS, TrainResult, sasrec_loss, train, training_pairs
 
 Batch = tuple[Tensor, Tensor]  # (inputs, next-item targets), both int64 [batch, length]
 Keep = StrictInt | StrictFloat
@@ -296,7 +296,7 @@ def structured_prune(
     if needs_data and not batches:
         raise ValueError(
             "calibration batches are needed for method='taylor' and for removing blocks "
-            "(compression.prune.calibration_batches)"
+            "(compression.model.prune.calibration_batches)"
         )
     work = copy.deepcopy(model).eval()
     for p in work.parameters():
@@ -376,8 +376,8 @@ def fine_tune(
     validation NDCG@10: given, or measured here. Note that `train` keeps the best *trained*
     epoch, so the result can score below the pruned model if fine-tuning only hurts.
     """
-    from compression.distill import DistillLoss
-    from compression.evaluate import evaluate_model
+    from compression.distill.loss import DistillLoss
+    from compression.evaluate.metrics import evaluate_model
 
     if epochs is not None:
         train_cfg = TrainConfig(**{**train_cfg.model_dump(), "max_epochs": epochs})

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from compression.export import INPUT_NAME
+from compression.export.exporter import INPUT_NAME
 
 POSITION_TABLE = "pos_emb.weight"
 

@@ -4,8 +4,8 @@ Internal item id 0 is padding everywhere (models, ONNX inputs, score columns). T
 from internal ids back to the user's original ids travels with every model, because the
 service must answer in the user's own ids.
 
-Loaders for raw event logs live in `compression.events`, the synthetic generator in
-`compression.synthetic`; `load_dataset` dispatches on the file format.
+Loaders for raw event logs live in `compression.data.events`, the synthetic generator in
+`compression.data.synthetic`; `load_dataset` dispatches on the file format.
 """
 
 from __future__ import annotations
@@ -240,13 +240,13 @@ def load_dataset(spec: str | Path, **kwargs: object) -> SequenceDataset:
     """Load by path (format from the name) or `synthetic[:key=value,...]`."""
     spec_str = str(spec)
     if spec_str == "synthetic" or spec_str.startswith("synthetic:"):
-        from compression.synthetic import parse_synthetic_spec, synthetic_dataset
+        from compression.data.synthetic import parse_synthetic_spec, synthetic_dataset
 
         return synthetic_dataset(parse_synthetic_spec(spec_str))
     path = Path(spec_str)
     suffix = path.suffix.lower()
     if suffix in {".dat", ".csv", ".parquet"}:
-        from compression.events import load_event_file
+        from compression.data.events import load_event_file
 
         return load_event_file(path, **kwargs)  # type: ignore[arg-type]
     if suffix in {".txt", ""}:

@@ -38,7 +38,9 @@ from pydantic import Field, model_validator
 
 from compression.configs import _Strict
 
-INPUT_NAME = "item_ids"  # compression.export.INPUT_NAME, repeated to keep this import light
+INPUT_NAME = (
+    "item_ids"  # compression.export.exporter.INPUT_NAME, repeated to keep this import light
+)
 INSTALL_HINT = (
     "install TensorRT from NVIDIA's index: pip install tensorrt "
     "--extra-index-url https://pypi.nvidia.com; needs an NVIDIA GPU"

@@ -1,9 +1,9 @@
 """Reading, describing and safely writing the ONNX files of model variants.
 
-Every variant writer (`compression.quantize`, `quantize_adaptive`, `item_matrix`, `fp16`)
-reads a file written by `compression.export.export_onnx` (`item_ids` int64 `[batch, length]`
-in, `scores` float32 `[batch, n_items + 1]` out) and writes one with the same signature, so the
-serving code never needs to know which variant it loaded. Writers go through
+Every variant writer (`compression.quantize`: `int8`, `adaptive`, `item_matrix`, `fp16`) reads
+a file written by `compression.export.exporter.export_onnx` (`item_ids` int64
+`[batch, length]` in, `scores` float32 `[batch, n_items + 1]` out) and writes one with the
+same signature, so the serving code never needs to know which variant it loaded. Writers go through
 `atomic_output`: the new file is loaded in ONNX Runtime and scores a tiny batch before it is
 renamed into place, so a failed or broken conversion never leaves a half-written or
 unloadable model behind.
@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from compression.export import INPUT_NAME, OUTPUT_NAME
+from compression.export.exporter import INPUT_NAME, OUTPUT_NAME
 
 # Op types whose presence means a node computes in integer arithmetic.
 _INT8_OPS = frozenset(
@@ -72,7 +72,8 @@ def load_scoring_model(path: str | Path) -> onnx.ModelProto:
     if inputs.get(INPUT_NAME) != TensorProto.INT64 or outputs.get(OUTPUT_NAME) != TensorProto.FLOAT:
         raise QuantizeError(
             f"{path}: expected input {INPUT_NAME!r} int64 and output {OUTPUT_NAME!r} float32 "
-            f"(compression.export), found inputs {sorted(inputs)} and outputs {sorted(outputs)}"
+            f"(compression.export.exporter), found inputs {sorted(inputs)} and outputs "
+            f"{sorted(outputs)}"
         )
     return model
 

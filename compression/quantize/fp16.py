@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compression.onnx_files import (
+from compression.export.files import (
     ModelSummary,
     QuantizeError,
     atomic_output,

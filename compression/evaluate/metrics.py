@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from compression.data import Split, pad_left
+from compression.data.sequences import Split, pad_left
 
 if TYPE_CHECKING:
     import torch

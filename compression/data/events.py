@@ -2,9 +2,10 @@
 
 An event log has one interaction per line or row: a user, an item and a timestamp. The
 loader orders each user's events by timestamp (ties keep file order), optionally applies
-k-core filtering, and maps item ids to internal ids 1..n with `compression.data.remap_items`.
+k-core filtering, and maps item ids to internal ids 1..n with
+`compression.data.sequences.remap_items`.
 
-Every problem raises `compression.data.DataError` with a one-line message
+Every problem raises `compression.data.sequences.DataError` with a one-line message
 `"<file>:<line>: <problem>; <what was expected>"` (Parquet: `"<file>: row <n>: ..."`).
 Nothing is half-loaded: a call returns a complete dataset or raises.
 
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
-from compression.data import DataError, SequenceDataset, remap_items
+from compression.data.sequences import DataError, SequenceDataset, remap_items
 from model_store.store import sha256_file
 
 if TYPE_CHECKING:

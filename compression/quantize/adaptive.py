@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from compression.data import pad_left
-from compression.export import top_k_agreement
-from compression.onnx_files import (
+from compression.data.sequences import pad_left
+from compression.export.exporter import top_k_agreement
+from compression.export.files import (
     QuantizeError,
     ScorerEval,
     atomic_output,
@@ -22,7 +22,7 @@ from compression.onnx_files import (
     run_scores,
     score_width,
 )
-from compression.quantize import (
+from compression.quantize.int8 import (
     QuantizeConfig,
     _ort_quantize,
     calibrate,

@@ -30,7 +30,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from compression.model import SASRec
+from compression.model.sasrec import SASRec
 
 OPSET = 17
 PRODUCER = "recsys-compression"  # tells this writer's files from PyTorch's ("pytorch")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from compression.configs import ModelConfig
-from compression.successors import SuccessorTable
+from compression.model.successors import SuccessorTable
 
 
 class FastDropout(nn.Module):
