@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from model_store.checkpoint import stored_names
+from model_store.runtime import CPU, ort_session
 from model_store.store import CHECKPOINT_FILE, LEGACY_CHECKPOINTS
 
 log = logging.getLogger(__name__)
@@ -48,17 +49,9 @@ class Engine(Protocol):
 
 class OrtEngine:
     def __init__(self, path: Path, threads: int = 1, providers: list[str] | None = None) -> None:
-        import onnxruntime as ort
-
-        wanted = providers or ["CPUExecutionProvider"]
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Spinning threads burn the core the event loop needs between batches.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        wanted = providers or CPU
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=wanted)
+            self.session = ort_session(path, threads, wanted)
         except Exception as exc:  # ORT raises several unrelated types for a bad file
             raise EngineError(f"{path}: ONNX Runtime cannot load it ({exc})") from exc
         got = self.session.get_providers()

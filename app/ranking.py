@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import onnxruntime as ort
 from onnx import TensorProto, helper
+
+from model_store.runtime import ort_session
 
 OPSET = 17
 
@@ -53,12 +54,7 @@ class Ranker:
     """Top-k columns of each score row, with per-row exclusions and column 0 never chosen."""
 
     def __init__(self, threads: int = 1) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        self._session = ort.InferenceSession(
-            ranking_graph(), options, providers=["CPUExecutionProvider"]
-        )
+        self._session = ort_session(ranking_graph(), threads)
 
     def top_k(
         self, scores: np.ndarray, exclude: Sequence[np.ndarray | None], k: int

@@ -22,7 +22,8 @@ import numpy as np
 
 from compression.data.sequences import pad_left
 from compression.export.exporter import INPUT_NAME, OUTPUT_NAME
-from compression.report.compare import _session, _test_histories
+from compression.report.compare import test_histories
+from model_store.runtime import ort_session
 from model_store.store import ModelStore
 
 VISIT_RUNS = 11
@@ -57,10 +58,10 @@ def main() -> None:
     store = ModelStore(Path(args.store))
     (ref, ref_dir), (_, model_dir) = store.load(args.reference), store.load(args.model)
     ref_len = int(ref.architecture["max_len"])
-    histories = [h for h in _test_histories(ref) if len(h) >= max(args.lengths)][:200]
+    histories = [h for h in test_histories(ref) if len(h) >= max(args.lengths)][:200]
     sessions = {
-        "ref": _session(ref_dir / "model.onnx", 1),
-        "model": _session(model_dir / "model.onnx", 1),
+        "ref": ort_session(ref_dir / "model.onnx", 1),
+        "model": ort_session(model_dir / "model.onnx", 1),
     }
     feeds = {("ref", ref_len): [pad_left([h], ref_len, length=ref_len) for h in histories]}
     for n in args.lengths:

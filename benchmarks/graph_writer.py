@@ -23,15 +23,16 @@ from typing import Any
 import onnx
 
 from compression.data.sequences import leave_one_out, pad_left
-from compression.evaluate.metrics import evaluate_scorer
+from compression.evaluate.metrics import evaluate_scorer, top_k_agreement
 from compression.evaluate.onnx_scoring import onnx_scorer
 from compression.export.compact import compact_file
-from compression.export.exporter import check_parity, export_onnx, top_k_agreement
+from compression.export.exporter import check_parity, export_onnx
 from compression.model.train import load_checkpoint
 from compression.pipeline import load_model_data
 from compression.quantize.int8 import quantize_dynamic_int8
 from compression.quantize.item_matrix import quantize_item_matrix
-from compression.report.compare import _session, measure_latency
+from compression.report.compare import measure_latency
+from model_store.runtime import ort_session
 from model_store.store import CHECKPOINT_FILE, ModelStore
 
 WRITERS = ("torch", "graph")
@@ -40,14 +41,9 @@ REPEATS = {1: 200, 64: 50}
 
 def _optimized_nodes(path: Path, work: Path) -> int:
     """Nodes left after ONNX Runtime's own graph optimizations (what runs per call)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.optimized_model_filepath = str(work / f"{path.stem}.opt.onnx")
-    options.log_severity_level = 3
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return len(onnx.load(options.optimized_model_filepath).graph.node)
+    optimized = work / f"{path.stem}.opt.onnx"
+    ort_session(path, threads=None, optimized_model_path=optimized)
+    return len(onnx.load(str(optimized)).graph.node)
 
 
 def _variants(ref: str, model: Any, work: Path, context: int, histories: list) -> list[dict]:
@@ -109,7 +105,7 @@ def main() -> None:
                     r["top10_agreement_between_writers"] = top_k_agreement(outs[0], outs[1])
             # one model's four graphs side by side, on its own data set's histories
             timed = [h for h in histories if len(h)][:512]
-            sessions = [_session(r["path"], 1) for r in found]
+            sessions = [ort_session(r["path"], 1) for r in found]
             lat = measure_latency(sessions, [r["max_len"] for r in found], timed, [1, 64], REPEATS)
             for row, result in zip(found, lat, strict=True):
                 row.pop("path")

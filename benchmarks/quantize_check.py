@@ -28,15 +28,11 @@ from compression.quantize.fp16 import convert_fp16
 from compression.quantize.int8 import QuantizeConfig, quantize_dynamic_int8, quantize_static_int8
 from compression.quantize.item_matrix import quantize_item_matrix
 from model_store.manifest import load_manifest
+from model_store.runtime import ort_session
 
 
 def latency_ms(path: Path, batch: int, length: int, n_items: int, runs: int, threads: int) -> float:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort_session(path, threads)
     ids = np.random.default_rng(0).integers(1, n_items + 1, (batch, length)).astype(np.int64)
     feed = {"item_ids": ids}
     for _ in range(5):

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from compression.export.exporter import INPUT_NAME, OUTPUT_NAME
-from compression.report.compare import _session, _test_histories, measure_latency
+from compression.report.compare import measure_latency, test_histories
+from model_store.runtime import ort_session
 from model_store.store import ModelStore
 
 SETTINGS = [(1, 11), (1, 1), (2, 11), (2, 1)]  # (threads, visit_runs)
@@ -49,11 +50,11 @@ def main() -> None:
     args = parser.parse_args()
     store = ModelStore(Path(args.store))
     loaded = [store.load(ref) for ref in args.models]
-    histories = [h for h in _test_histories(loaded[0][0]) if len(h)][:512]
+    histories = [h for h in test_histories(loaded[0][0]) if len(h)][:512]
     max_lens = [int(m.architecture["max_len"]) for m, _ in loaded]
     rows = []
     for threads, visit_runs in SETTINGS:
-        sessions = [_session(folder / "model.onnx", threads) for _, folder in loaded]
+        sessions = [ort_session(folder / "model.onnx", threads) for _, folder in loaded]
         lat = measure_latency(
             sessions, max_lens, histories, [1, 64], REPEATS, visit_runs=visit_runs
         )

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from compression.data.sequences import Split, leave_one_out, pad_left
+from compression.data.sequences import Split, leave_one_out
 from compression.evaluate.metrics import evaluate_scorer
 from compression.export.compact import compact_file
 from compression.export.exporter import check_parity, export_onnx
@@ -88,8 +88,8 @@ def publish_onnx_variant(
     `transform` may return a dict of details (e.g. the nodes adaptive quantization kept in
     float); they are recorded in the manifest's recipe.
     """
+    from compression.evaluate.metrics import score_all, top_k_agreement
     from compression.evaluate.onnx_scoring import onnx_scorer
-    from compression.export.exporter import top_k_agreement
 
     parent, folder = store.load(parent_ref)
     if "model.onnx" not in parent.artifacts:
@@ -104,8 +104,8 @@ def publish_onnx_variant(
         test = evaluate_scorer(onnx_scorer(dst), split, "test", max_len)
         tests = split.eval_inputs("test")[0][:PARITY_SEQUENCES]
         agreement = top_k_agreement(
-            onnx_scorer(folder / "model.onnx")(pad_left(tests, parent_len)),
-            onnx_scorer(dst)(pad_left(tests, max_len)),
+            score_all(onnx_scorer(folder / "model.onnx"), tests, parent_len),
+            score_all(onnx_scorer(dst), tests, max_len),
         )
         parent_ndcg = parent.metrics.get("test_ndcg@10")
         metrics = {

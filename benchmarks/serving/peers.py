@@ -23,6 +23,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 from app.schemas import RecommendRequest
+from model_store.runtime import ort_session
 
 
 class Item(BaseModel):
@@ -51,9 +52,7 @@ def model_app(folder: Path, kind: str) -> FastAPI:
     ids = json.loads((folder / "items.json").read_text())["item_ids"]
     to_internal = {int(o): i + 1 for i, o in enumerate(ids)}
     if kind == "ort":
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(str(folder / "model.onnx"))
+        session = ort_session(folder / "model.onnx", threads=None)
 
         def score(x: np.ndarray) -> np.ndarray:
             return session.run(["scores"], {"item_ids": x})[0][0]

@@ -8,8 +8,8 @@ number of other non-masked items whose score is >= the target's (`target_rank`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -88,6 +88,54 @@ def masked_ranks(
     return target_rank(scores, targets, mask)
 
 
+def scored_batches(
+    scorer: Callable[[np.ndarray], Any],
+    histories: Sequence[np.ndarray],
+    max_len: int,
+    batch_size: int = 512,
+) -> Iterator[tuple[np.ndarray, Any]]:
+    """The one loop that scores histories (evaluation, parity, agreement): `(indices,
+    scorer(batch))` per batch of `batch_size`, histories of similar length together so
+    padding stays small, each left-padded to at most its last `max_len` items."""
+    order = np.argsort([min(len(h), max_len) for h in histories], kind="stable")
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        yield idx, scorer(pad_left([histories[i] for i in idx], max_len))
+
+
+def score_all(
+    scorer: Scorer, histories: Sequence[np.ndarray], max_len: int, batch_size: int = 512
+) -> np.ndarray:
+    """Scores of every history, `[len(histories), n_items + 1]`, in input order."""
+    out: np.ndarray | None = None
+    for idx, scores in scored_batches(scorer, histories, max_len, batch_size):
+        if out is None:
+            out = np.empty((len(histories), scores.shape[1]), dtype=scores.dtype)
+        out[idx] = scores
+    if out is None:
+        raise ValueError("no histories to score")
+    return out
+
+
+def top_k_agreement(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
+    """Mean |top-k(a) ∩ top-k(b)| / k over rows (column 0, padding, excluded)."""
+    top_a = np.argpartition(-a[:, 1:], k, axis=1)[:, :k]
+    top_b = np.argpartition(-b[:, 1:], k, axis=1)[:, :k]
+    return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(top_a, top_b, strict=True)]))
+
+
+def agreement(
+    a: Scorer, b: Scorer, histories: Sequence[np.ndarray], max_len: int, batch_size: int = 256
+) -> tuple[float, float]:
+    """(max |a - b|, mean top-10 agreement) of two scorers on the same histories."""
+    worst, agree = 0.0, 0.0
+    pair = scored_batches(lambda x: (a(x), b(x)), histories, max_len, batch_size)
+    for idx, (x, y) in pair:
+        worst = max(worst, float(np.abs(x - y).max()))
+        agree += top_k_agreement(x, y) * len(idx)
+    return worst, agree / max(len(histories), 1)
+
+
 def rank_targets(
     scorer: Scorer,
     histories: Sequence[np.ndarray],
@@ -95,14 +143,10 @@ def rank_targets(
     max_len: int,
     batch_size: int = 512,
 ) -> np.ndarray:
-    """Ranks for all users; users are batched by history length so padding stays small."""
-    order = np.argsort([min(len(h), max_len) for h in histories], kind="stable")
+    """0-based rank of every user's target (`masked_ranks`)."""
     ranks = np.empty(len(histories), dtype=np.int64)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        batch_hist = [histories[i] for i in idx]
-        scores = scorer(pad_left(batch_hist, max_len))
-        ranks[idx] = masked_ranks(scores, targets[idx], batch_hist)
+    for idx, scores in scored_batches(scorer, histories, max_len, batch_size):
+        ranks[idx] = masked_ranks(scores, targets[idx], [histories[i] for i in idx])
     return ranks
 
 

@@ -9,16 +9,15 @@ from pathlib import Path
 
 import numpy as np
 
-from compression.data.sequences import Split, pad_left
-from compression.evaluate.metrics import Scorer, evaluate_scorer
-from compression.export.exporter import INPUT_NAME, OUTPUT_NAME, top_k_agreement
+from compression.data.sequences import Split
+from compression.evaluate.metrics import Scorer, agreement, evaluate_scorer
+from compression.export.exporter import INPUT_NAME, OUTPUT_NAME
 from compression.export.files import (
     QuantizeError,
     ScorerEval,
-    cpu_session,
     load_scoring_model,
-    run_scores,
 )
+from model_store.runtime import ort_session
 
 
 @dataclass(frozen=True)
@@ -41,19 +40,14 @@ def compare_outputs(
         load_scoring_model(path)
     if not len(histories):
         raise QuantizeError(f"{other_path}: no histories to compare on")
-    a, b = cpu_session(Path(fp32_path), threads), cpu_session(Path(other_path), threads)
-    worst, agree = 0.0, 0.0
-    for start in range(0, len(histories), batch_size):
-        batch = pad_left(histories[start : start + batch_size], max_len)
-        x, y = run_scores(a, [batch]), run_scores(b, [batch])
-        worst = max(worst, float(np.abs(x - y).max()))
-        agree += top_k_agreement(x, y) * len(batch)
-    return OutputComparison(len(histories), worst, agree / len(histories))
+    a, b = onnx_scorer(fp32_path, threads), onnx_scorer(other_path, threads)
+    worst, agree = agreement(a, b, histories, max_len, batch_size)
+    return OutputComparison(len(histories), worst, agree)
 
 
 def onnx_scorer(path: str | Path, threads: int | None = None) -> Scorer:
     """An ORT session on `path` as a `compression.evaluate.metrics` scorer."""
-    session = cpu_session(Path(path), threads)
+    session = ort_session(Path(path), threads)
 
     def score(batch: np.ndarray) -> np.ndarray:
         return session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]

@@ -20,9 +20,10 @@ import numpy as np
 import onnx
 import torch
 
-from compression.data.sequences import pad_left
+from compression.evaluate.metrics import agreement, torch_scorer
 from compression.export import graph as onnx_graph
 from compression.model.sasrec import SASRec
+from model_store.runtime import ort_session
 
 INPUT_NAME = "item_ids"
 OUTPUT_NAME = "scores"
@@ -79,13 +80,6 @@ def export_onnx(model: SASRec, path: Path, writer: Literal["graph", "torch"] = "
     tmp.replace(path)
 
 
-def top_k_agreement(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
-    """Mean |top-k(a) ∩ top-k(b)| / k over rows (column 0, padding, excluded)."""
-    top_a = np.argpartition(-a[:, 1:], k, axis=1)[:, :k]
-    top_b = np.argpartition(-b[:, 1:], k, axis=1)[:, :k]
-    return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(top_a, top_b, strict=True)]))
-
-
 def check_parity(
     model: SASRec,
     onnx_path: Path,
@@ -95,19 +89,15 @@ def check_parity(
     min_top10_agreement: float = 0.99,
 ) -> ParityReport:
     """Run both on the same histories; raise ExportError when the graph drifts."""
-    import onnxruntime as ort
+    session = ort_session(onnx_path, threads=None)
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    model = model.eval()
-    worst, agreements = 0.0, []
-    for start in range(0, len(histories), batch_size):
-        batch = pad_left(histories[start : start + batch_size], model.cfg.max_len)
-        got = session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
-        with torch.inference_mode():
-            want = model(torch.from_numpy(batch)).numpy()
-        worst = max(worst, float(np.abs(got - want).max()))
-        agreements.append(top_k_agreement(got, want) * len(batch))
-    report = ParityReport(len(histories), worst, float(sum(agreements) / len(histories)))
+    def got(batch: np.ndarray) -> np.ndarray:
+        return session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+
+    worst, agree = agreement(
+        got, torch_scorer(model.eval()), histories, model.cfg.max_len, batch_size
+    )
+    report = ParityReport(len(histories), worst, agree)
     if report.max_abs_diff > max_abs_diff or report.top10_agreement < min_top10_agreement:
         raise ExportError(
             f"{onnx_path}: ONNX output differs from PyTorch on {report.sequences} sequences "

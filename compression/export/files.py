@@ -23,6 +23,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from compression.export.exporter import INPUT_NAME, OUTPUT_NAME
+from model_store.runtime import ort_session
 
 # Op types whose presence means a node computes in integer arithmetic.
 _INT8_OPS = frozenset(
@@ -124,20 +125,10 @@ def describe(path: str | Path) -> ModelSummary:
     )
 
 
-def cpu_session(path: Path, threads: int | None = None) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def _smoke_check(tmp: Path, dst: Path, n_scores: int) -> None:
     """Load the written file in ORT and score two tiny histories (one padded)."""
     try:
-        session = cpu_session(tmp, threads=1)
+        session = ort_session(tmp, threads=1)
         ids = np.array([[0, 1, 1], [1, 1, 1]], dtype=np.int64)
         (scores,) = session.run([OUTPUT_NAME], {INPUT_NAME: ids})
     except Exception as exc:

@@ -12,12 +12,11 @@ from typing import Any
 import numpy as np
 
 from compression.data.sequences import pad_left
-from compression.export.exporter import top_k_agreement
+from compression.evaluate.metrics import top_k_agreement
 from compression.export.files import (
     QuantizeError,
     ScorerEval,
     atomic_output,
-    cpu_session,
     load_scoring_model,
     run_scores,
     score_width,
@@ -30,6 +29,7 @@ from compression.quantize.int8 import (
     preprocess,
     quantizable_nodes,
 )
+from model_store.runtime import ort_session
 
 
 @dataclass(frozen=True)
@@ -139,13 +139,13 @@ def adaptive_quantize(
             except Exception as exc:
                 raise QuantizeError(f"{src}: ONNX Runtime quantization failed ({exc})") from None
 
-        reference = run_scores(cpu_session(pre, threads), proxy)
+        reference = run_scores(ort_session(pre, threads), proxy)
         variance = float(reference[:, 1:].var()) or 1.0
         sensitivities = []
         for i, node in enumerate(candidates):
             one = work / f"one-{i}.onnx"
             build(one, only=[node])
-            got = run_scores(cpu_session(one, threads), proxy)
+            got = run_scores(ort_session(one, threads), proxy)
             mse = float(np.mean((got[:, 1:] - reference[:, 1:]) ** 2)) / variance
             sensitivities.append(NodeSensitivity(node, mse, top_k_agreement(got, reference)))
             one.unlink()

@@ -37,8 +37,10 @@ from typing import Any
 import numpy as np
 
 from compression.data.sequences import pad_left
-from compression.export.exporter import INPUT_NAME, OUTPUT_NAME, top_k_agreement
+from compression.evaluate.metrics import Scorer, score_all, top_k_agreement
+from compression.export.exporter import INPUT_NAME, OUTPUT_NAME
 from model_store.manifest import Manifest
+from model_store.runtime import ort_session
 from model_store.store import ModelStore, StoreError
 
 ONNX_FILE = "model.onnx"
@@ -264,28 +266,11 @@ def fastest_keeping(
 # -- measurement -------------------------------------------------------------------------------
 
 
-def _session(path: Path, threads: int) -> Any:
-    """An ORT CPU session configured like the service's (`app/engines.py`): `threads`
-    intra-op threads, one inter-op thread, no spinning. Without spinning, the idle threads of
-    the variant timed just before cannot steal the cores of the one being timed."""
-    import onnxruntime as ort
+def _scorer(session: Any) -> Scorer:
+    def score(batch: np.ndarray) -> np.ndarray:
+        return session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _score(session: Any, histories: Sequence[np.ndarray], max_len: int) -> np.ndarray:
-    parts = [
-        session.run(
-            [OUTPUT_NAME], {INPUT_NAME: pad_left(histories[i : i + _SCORE_BATCH], max_len)}
-        )[0]
-        for i in range(0, len(histories), _SCORE_BATCH)
-    ]
-    return np.concatenate(parts)
+    return score
 
 
 def _input_batches(
@@ -356,7 +341,7 @@ def measure_latency(
     return out
 
 
-def _test_histories(teacher: Manifest) -> list[np.ndarray]:
+def test_histories(teacher: Manifest) -> list[np.ndarray]:
     from compression.data.sequences import leave_one_out
     from compression.pipeline import load_model_data
 
@@ -420,19 +405,20 @@ def compare_family(
 
     if histories is None:
         say(f"loading the test histories of {teacher.dataset.name}")
-        histories = _test_histories(teacher)
+        histories = test_histories(teacher)
     histories = [np.asarray(h, dtype=np.int64) for h in histories if len(h)][:n_histories]
     if not histories:
         raise ValueError(f"{_ref(teacher)}: no non-empty test histories to measure on")
 
     max_lens = [int(m.architecture["max_len"]) for m in models]
     say(f"scoring {len(histories)} histories with {len(models)} models")
-    sessions = [_session(p, threads) for p in paths]
-    teacher_scores = _score(sessions[0], histories, max_lens[0])
+    sessions = [ort_session(p, threads) for p in paths]
+    scorers = [_scorer(s) for s in sessions]
+    teacher_scores = score_all(scorers[0], histories, max_lens[0], _SCORE_BATCH)
     # The teacher against itself too: a sanity check of the measurement (always 1.0).
     agreements = [top_k_agreement(teacher_scores, teacher_scores)] + [
-        top_k_agreement(teacher_scores, _score(s, histories, n))
-        for s, n in zip(sessions[1:], max_lens[1:], strict=True)
+        top_k_agreement(teacher_scores, score_all(s, histories, n, _SCORE_BATCH))
+        for s, n in zip(scorers[1:], max_lens[1:], strict=True)
     ]
 
     say(

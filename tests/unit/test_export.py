@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from compression.configs import ModelConfig
-from compression.export.exporter import ExportError, check_parity, export_onnx, top_k_agreement
+from compression.evaluate.metrics import top_k_agreement
+from compression.export.exporter import ExportError, check_parity, export_onnx
 from compression.model.sasrec import SASRec
 
 

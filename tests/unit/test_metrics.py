@@ -9,10 +9,12 @@ import pytest
 
 from compression.data.sequences import Split
 from compression.evaluate.metrics import (
+    agreement,
     evaluate_popularity,
     masked_ranks,
     metrics_from_ranks,
     rank_targets,
+    score_all,
     target_rank,
     target_rank_torch,
 )
@@ -150,3 +152,18 @@ def test_torch_and_numpy_ranks_agree_with_forced_ties() -> None:
     finite = torch.from_numpy(np.nan_to_num(scores))
     *_, rank = distill_terms(finite, finite, t_target, temperature=1.0)
     assert rank.tolist() == target_rank(np.nan_to_num(scores), target).tolist()
+
+
+def test_the_scoring_loop_batches_by_length_and_returns_input_order() -> None:
+    rng = np.random.default_rng(0)
+    histories = [rng.integers(1, 30, size=n) for n in rng.integers(1, 30, size=50)]
+    widths: list[int] = []
+
+    def last_item(batch: np.ndarray) -> np.ndarray:  # one-hot of each row's newest item
+        widths.append(batch.shape[1])
+        return np.eye(30, dtype=np.float32)[batch[:, -1]]
+
+    scores = score_all(last_item, histories, max_len=20, batch_size=8)
+    assert scores.argmax(axis=1).tolist() == [int(h[-1]) for h in histories]
+    assert widths == sorted(widths) and max(widths) == 20  # similar lengths share a batch
+    assert agreement(last_item, last_item, histories, max_len=20) == (0.0, 1.0)

@@ -336,7 +336,8 @@ def test_real_engine_build_and_run(tmp_path: Path) -> None:
 
     from compression.configs import ModelConfig
     from compression.data.sequences import pad_left
-    from compression.export.exporter import export_onnx, top_k_agreement
+    from compression.evaluate.metrics import top_k_agreement
+    from compression.export.exporter import export_onnx
     from compression.model.sasrec import SASRec
 
     torch.manual_seed(0)
