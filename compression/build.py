@@ -313,7 +313,17 @@ def run_build(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Manifest]:
-    """Every step of the recipe, in order; returns model name -> manifest built or reused."""
+    """Every step of the recipe, in order; returns model name -> manifest built or reused.
+    The data set is loaded and split once for all of them (`shared_splits`)."""
+    from compression.pipeline import shared_splits
+
+    with shared_splits():
+        return _run_steps(recipe, store, progress, log)
+
+
+def _run_steps(
+    recipe: BuildRecipe, store: ModelStore, progress: bool, log: Callable[[str], None]
+) -> dict[str, Manifest]:
     from compression.pipeline import distill_student, train_teacher
     from compression.variants import (
         context_variant,

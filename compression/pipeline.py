@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +53,44 @@ def load_model_data(manifest: Manifest, path: str | None = None) -> SequenceData
             f"({manifest.dataset.sha256[:12]}…); item ids would not line up"
         )
     return data
+
+
+# The data sets a `recsys build` has loaded and split, by sha256: every step of one build
+# (teacher, students, variants, the report) reuses them instead of reading and splitting the
+# file again. None outside a build, where each command loads what it needs once.
+_SPLITS: ContextVar[dict[str, tuple[SequenceDataset, Split]] | None] = ContextVar(
+    "splits", default=None
+)
+
+
+@contextmanager
+def shared_splits() -> Iterator[None]:
+    """Within this block, `model_split` loads each data set once (nested blocks share it)."""
+    if _SPLITS.get() is not None:
+        yield
+        return
+    token = _SPLITS.set({})
+    try:
+        yield
+    finally:
+        _SPLITS.reset(token)
+
+
+def _remember(data: SequenceDataset, split: Split) -> None:
+    cache = _SPLITS.get()
+    if cache is not None:
+        cache[data.sha256] = (data, split)
+
+
+def model_split(manifest: Manifest) -> tuple[SequenceDataset, Split]:
+    """The data a stored model was trained on and its leave-one-out split."""
+    cache = _SPLITS.get()
+    if cache is not None and manifest.dataset.sha256 in cache:
+        return cache[manifest.dataset.sha256]
+    data = load_model_data(manifest)
+    split = leave_one_out(data)
+    _remember(data, split)
+    return data, split
 
 
 def dataset_info(data: SequenceDataset) -> DatasetInfo:
@@ -165,6 +205,7 @@ def train_teacher(
 
     data = load_from_spec(recipe.data)
     split = leave_one_out(data)
+    _remember(data, split)
     model_cfg = recipe.model_config_for(data.n_items)
     log(f"data {json.dumps(data.summary())}")
     started = time.perf_counter()
@@ -225,8 +266,7 @@ def distill_student(
     teacher_manifest, folder = store.load(recipe.teacher)
     parent = f"{teacher_manifest.name}@{teacher_manifest.version}"
     checkpoint = stored_checkpoint(teacher_manifest, folder, "distil from")
-    data = load_model_data(teacher_manifest)
-    split = leave_one_out(data)
+    data, split = model_split(teacher_manifest)
     teacher = load_checkpoint(checkpoint)
     student_cfg = recipe.model_config_for(data.n_items)
     loss_fn, on_eval = None, None

@@ -14,11 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from compression.data.sequences import Split, leave_one_out
+from compression.data.sequences import Split
 from compression.evaluate.metrics import evaluate_scorer
 from compression.export.compact import compact_file
 from compression.export.exporter import check_parity, export_onnx
-from compression.pipeline import PARITY_SEQUENCES, load_model_data, prefixed
+from compression.pipeline import PARITY_SEQUENCES, model_split, prefixed
 from model_store.manifest import Manifest
 from model_store.store import CHECKPOINT_FILE, ModelStore
 
@@ -41,7 +41,7 @@ def export_stored(store: ModelStore, ref: str) -> Manifest:
 
     manifest, folder = store.load(ref)
     checkpoint = stored_checkpoint(manifest, folder, "export")
-    split = leave_one_out(load_model_data(manifest))
+    _, split = model_split(manifest)
     model = load_checkpoint(checkpoint).eval()
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path, items = Path(tmp) / "model.onnx", Path(tmp) / "items.json"
@@ -94,7 +94,7 @@ def publish_onnx_variant(
     parent, folder = store.load(parent_ref)
     if "model.onnx" not in parent.artifacts:
         raise ValueError(f"{parent_ref}: has no model.onnx; run `recsys export {parent_ref}`")
-    split = leave_one_out(load_model_data(parent))
+    _, split = model_split(parent)
     parent_len = int(parent.architecture["max_len"])
     max_len = min(max_len or parent_len, parent_len)
     with tempfile.TemporaryDirectory() as tmp:
@@ -233,8 +233,7 @@ def prune_variant(
 
     parent, folder = store.load(parent_ref)
     checkpoint = stored_checkpoint(parent, folder, "prune")
-    data = load_model_data(parent)
-    split = leave_one_out(data)
+    data, split = model_split(parent)
     model = load_checkpoint(checkpoint).eval()
     started = time.perf_counter()
     result = prune(model, cfg, split, train_cfg, distill_cfg, log=log)

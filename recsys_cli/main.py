@@ -401,6 +401,16 @@ def _build_and_report(
     show: bool = True,
 ) -> Any:
     """Build, compare, write the report (and print it with `show`); return the report."""
+    from compression.pipeline import shared_splits
+
+    with shared_splits():  # the build and its report read and split the data once
+        return _build_and_report_once(recipe, store, progress, repeats, out, show)
+
+
+def _build_and_report_once(
+    recipe: Any, store: Path, progress: bool, repeats: tuple[int, int], out: Path | None,
+    show: bool,
+) -> Any:  # fmt: skip
     from compression.build import run_build
     from compression.report.compare import compare_family, write_report
 

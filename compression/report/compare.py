@@ -342,10 +342,9 @@ def measure_latency(
 
 
 def test_histories(teacher: Manifest) -> list[np.ndarray]:
-    from compression.data.sequences import leave_one_out
-    from compression.pipeline import load_model_data
+    from compression.pipeline import model_split
 
-    return leave_one_out(load_model_data(teacher)).eval_inputs("test")[0]
+    return model_split(teacher)[1].eval_inputs("test")[0]
 
 
 def compare_family(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,12 +34,38 @@ config = { heads_keep = 1, fine_tune_epochs = 1 }
 """
 
 
-def test_build_publishes_the_family_and_a_rerun_reuses_it(tmp_path: Path) -> None:
+def _count_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """Wrap `compression.data.sequences.<name>` wherever a compression module imported it."""
+    import compression.data.sequences as sequences
+
+    original, calls = getattr(sequences, name), []
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    for module in list(sys.modules.values()):
+        if module.__name__.startswith("compression") and getattr(module, name, None) is original:
+            monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def test_build_publishes_the_family_and_a_rerun_reuses_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import compression.pipeline
+    import compression.report.compare
+    import compression.variants  # noqa: F401 (imported so their names can be wrapped)
+
     path = tmp_path / "tiny.toml"
     path.write_text(RECIPE)
     recipe = load_build_recipe(path)
     store = ModelStore(tmp_path / "store")
+    loads = _count_calls(monkeypatch, "load_dataset")
+    splits = _count_calls(monkeypatch, "leave_one_out")
     built = run_build(recipe, store, progress=False, log=lambda _: None)
+    # Six models from one read and one split of the data set.
+    assert (len(loads), len(splits)) == (1, 1)
     assert set(built) == {"tiny-teacher", "tiny-student", "tiny-student-int8-dynamic",
                           "tiny-teacher-pruned", "tiny-teacher-fp16",
                           "tiny-student-int8-dynamic-ctx4"}  # fmt: skip
