@@ -26,9 +26,9 @@ from torch import nn
 
 from compression.configs import ModelConfig
 from compression.data.sequences import leave_one_out, load_dataset, pad_left
+from compression.model.losses import full_softmax_ce
 from compression.model.sasrec import FastDropout, SASRec
 from compression.model.train import (
-    full_softmax_ce,
     length_bucketed_batches,
     training_pairs,
     tune_allocator,

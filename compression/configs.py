@@ -120,6 +120,12 @@ class TrainConfig(_Strict):
         description="train on each user's last max_len steps, or on every max_len-step "
         "window of longer histories (more data from long histories, longer epochs)",
     )
+    loss: Literal["full", "sampled-uniform", "sampled-popularity", "gbce"] = Field(
+        "full",
+        description="softmax over every item, or over `negatives` sampled items (log-Q "
+        "corrected), or gSASRec's gBCE: a sampled loss's step cost ignores the catalogue",
+    )
+    negatives: int = Field(256, ge=1, description="items drawn per batch by a sampled loss")
     seed: int = Field(0, description="seeds weights, batches and dropout")
     time_limit_s: float | None = Field(None, gt=0.0, description="stop after this wall time")
     threads: int | None = Field(None, ge=1, description="torch threads; None = all cores")
@@ -144,12 +150,6 @@ class DistillConfig(_Strict):
     )
     min_teacher_weight: float = Field(
         0.0, ge=0.0, le=1.0, description="plateau: the teacher weight never drops below this"
-    )
-    near_teacher_ratio: float = Field(
-        0.97, gt=0.0, le=1.0, description="plateau: share of the teacher's NDCG@10 that sharpens T"
-    )
-    temperature_decay: float = Field(
-        0.5, gt=0.0, le=1.0, description="plateau: T multiplier when near the teacher (floor 1)"
     )
 
 

@@ -23,9 +23,9 @@ Adaptive strategies (`DistillConfig.strategy`):
 - `plateau`: a schedule driven by the student's validation NDCG@10. When it has not improved
   for `plateau_patience` evaluations, `alpha_step` of the teacher weight moves to the labels
   (the teacher multiplier m drops by `alpha_step`, floored at `min_teacher_weight`, and
-  u = beta + (1 - m)). When the student reaches `near_teacher_ratio` of the teacher's
-  validation NDCG@10, T is multiplied by `temperature_decay` (floored at 1): sharper targets
-  to close the last gap. Both rules act at most once per evaluation.
+  u = beta + (1 - m)). When the student reaches `NEAR_TEACHER` (97%, the project's bar) of
+  the teacher's validation NDCG@10, T is halved (`TEMPERATURE_DECAY`, floored at 1): sharper
+  targets to close the last gap. Both rules act at most once per evaluation.
 
 `top_k`: the teacher's K best items per position become the soft targets, plus one "rest"
 category holding the probability of every other item (K + 1 categories, for teacher and
@@ -57,6 +57,10 @@ from compression.evaluate.metrics import target_rank_torch
 from compression.model.sasrec import SASRec
 from compression.model.successors import add_entries
 
+# The plateau strategy sharpens T (x TEMPERATURE_DECAY) once the student reaches this share of
+# the teacher's validation NDCG@10: the project's own bar.
+NEAR_TEACHER = 0.97
+TEMPERATURE_DECAY = 0.5
 # Student positions per loss chunk: bounds the [chunk, items] logit memory of each term.
 CHUNK_ROWS = 1024
 
@@ -384,9 +388,9 @@ class DistillLoss:
             state.events.append(
                 f"epoch {epoch}: stalled, teacher weight -> {state.teacher_weight:.2f}"
             )
-        near = self.teacher_valid_ndcg * cfg.near_teacher_ratio
+        near = self.teacher_valid_ndcg * NEAR_TEACHER
         if ndcg >= near and state.temperature > 1.0:
-            state.temperature = max(1.0, state.temperature * cfg.temperature_decay)
+            state.temperature = max(1.0, state.temperature * TEMPERATURE_DECAY)
             state.events.append(f"epoch {epoch}: near teacher, T -> {state.temperature:.2f}")
             if self.targets is not None:  # cached at the old temperature
                 self._build()

@@ -184,9 +184,17 @@ def torch_scorer(model: object) -> Scorer:
     return score
 
 
+def eval_batch_size(n_items: int, cells: int = 2**25) -> int:
+    """Users per scoring batch: up to 512, fewer for large catalogues, so a batch's score
+    matrix (and the rank masks built beside it) stays near `cells` floats (128 MB)."""
+    return max(1, min(512, cells // (n_items + 1)))
+
+
 def evaluate_model(
-    model: object, split: Split, stage: str, batch_size: int = 512
+    model: object, split: Split, stage: str, batch_size: int | None = None
 ) -> dict[str, float]:
+    """Full-ranking metrics of a PyTorch model, in batches sized for its catalogue."""
+    batch_size = batch_size or eval_batch_size(split.n_items)
     was_training = model.training  # type: ignore[attr-defined]
     model.eval()  # type: ignore[attr-defined]
     try:

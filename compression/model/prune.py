@@ -51,8 +51,9 @@ from torch import Tensor, nn
 
 from compression.configs import DistillConfig, ModelConfig, TrainConfig, _Strict
 from compression.data.sequences import Split, pad_left
+from compression.model.losses import sasrec_loss
 from compression.model.sasrec import SASRec
-from compression.model.train import LOSS_CHUNK_ROWS, TrainResult, sasrec_loss, train, training_pairs
+from compression.model.train import TrainResult, train, training_pairs
 
 Batch = tuple[Tensor, Tensor]  # (inputs, next-item targets), both int64 [batch, length]
 Keep = StrictInt | StrictFloat
@@ -301,7 +302,7 @@ def structured_prune(
     work = copy.deepcopy(model).eval()
     for p in work.parameters():
         p.requires_grad_(False)
-    loss_fn = sasrec_loss(LOSS_CHUNK_ROWS)
+    loss_fn = sasrec_loss("full")
 
     b_scores: list[float] = []
     kept_blocks = list(range(mc.n_blocks))

@@ -19,23 +19,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from compression.configs import ModelConfig, TrainConfig
 from compression.data.sequences import Split, pad_left
 from compression.evaluate.metrics import evaluate_model
+from compression.model.losses import LossFn, sasrec_loss
 from compression.model.sasrec import SASRec
-from compression.model.successors import add_entries
 from model_store.checkpoint import stored_names
 from model_store.store import CHECKPOINT_FILE, LEGACY_CHECKPOINTS
 
-# Positions per cross-entropy chunk: bounds the logit memory (chunk x items); 2048 measured
-# as fast as the full matrix at ML-1M's 3,416 items (docs/training.md).
-LOSS_CHUNK_ROWS = 2048
 # lr multiplier when validation stalls (with TrainConfig.max_lr_decays).
 LR_DECAY_FACTOR = 0.3
 
@@ -127,45 +122,6 @@ def batches_per_epoch(n_pairs: int, batch_size: int, chunk_batches: int = 50) ->
     return full * chunk_batches + -(-rest // batch_size)
 
 
-def _ce_sum(
-    hidden: Tensor, weight: Tensor, targets: Tensor, ids: Tensor | None, values: Tensor | None
-) -> Tensor:
-    logits = hidden @ weight.T
-    if ids is not None and values is not None:
-        logits = add_entries(logits, (ids, values))
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
-
-
-def full_softmax_ce(
-    hidden: Tensor,
-    weight: Tensor,
-    targets: Tensor,
-    chunk_rows: int,
-    entries: tuple[Tensor, Tensor] | None = None,
-) -> Tensor:
-    """Mean cross-entropy of `hidden @ weight.T` (plus sparse successor `entries`, one row
-    per hidden row) without keeping the full logit matrix.
-
-    `weight` excludes the padding row, so `targets` are internal ids minus one. Each chunk is
-    checkpointed: its logits are recomputed in backward instead of stored, which is what
-    makes the full softmax over all items affordable in memory and time.
-    """
-    ids, values = entries if entries is not None else (None, None)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk_rows):
-        sl = slice(start, start + chunk_rows)
-        total = total + checkpoint(
-            _ce_sum,
-            hidden[sl],
-            weight,
-            targets[sl],
-            None if ids is None else ids[sl],
-            None if values is None else values[sl],
-            use_reentrant=False,
-        )
-    return total / hidden.shape[0]
-
-
 @dataclass
 class TrainResult:
     model: SASRec
@@ -180,26 +136,7 @@ class TrainResult:
 # (model, inputs, targets, rows=None): `rows` are the batch's indices into the training
 # pairs, for losses that cached something per pair in an optional `prepare(inputs, targets,
 # width)` hook that `train` calls once (compression.distill.loss).
-LossFn = Callable[..., Tensor]
 EvalHook = Callable[[int, dict[str, float]], None]
-
-
-def sasrec_loss(chunk_rows: int) -> LossFn:
-    def loss(model: SASRec, inputs: Tensor, targets: Tensor, rows: object = None) -> Tensor:
-        width = model.cfg.max_len  # inputs may be wider than the model reads
-        hidden = model.encode(inputs[:, -width:])
-        targets = targets[:, -width:]
-        valid = targets > 0
-        entries = model.successor_entries(inputs[:, -width:])
-        return full_softmax_ce(
-            model.query(hidden[valid]),
-            model.output_weight[1:],
-            targets[valid] - 1,
-            chunk_rows,
-            None if entries is None else (entries[0][valid], entries[1][valid]),
-        )
-
-    return loss
 
 
 def train(
@@ -238,7 +175,15 @@ def train(
     if model.successors is not None and not bool(model.successors.succ.any()):
         model.successors.fit(split.train)
     model = model.to(device)
-    loss_fn = loss_fn or sasrec_loss(LOSS_CHUNK_ROWS)
+    if loss_fn is None:
+        loss_fn = sasrec_loss(
+            train_cfg.loss, model_cfg.n_items, train_cfg.negatives, split.item_counts(),
+            train_cfg.seed,
+        )  # fmt: skip
+    # Sampled losses read a few rows of the item matrix per step: sparse gradients and a
+    # lazy Adam for it keep a step's cost independent of the catalogue.
+    sparse = bool(getattr(loss_fn, "sparse_embeddings", False))
+    model.item_emb.sparse = sparse
     # Windows as long as the teacher reads, one every `max_len` steps: the model is trained
     # on the last `max_len` positions of each, so every step once (without the stride, a
     # 50-item student under a 200-item teacher saw only a quarter of the steps).
@@ -254,7 +199,7 @@ def train(
         started_prepare = time.perf_counter()
         prepare(inputs, targets, model_cfg.max_len)
         log(f"loss prepared in {time.perf_counter() - started_prepare:.1f} s")
-    optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, betas=(0.9, 0.98))
+    optimizers = _optimizers(model, train_cfg.lr, sparse)
     ema = weight_average(model, train_cfg.ema_epochs, len(inputs), train_cfg.batch_size)
     # What is validated, kept and returned: the moving average when there is one.
     scored = model if ema is None else ema.module
@@ -274,9 +219,11 @@ def train(
             y = torch.from_numpy(pad_left([targets[i] for i in idx], window)).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = loss_fn(model, x, y, rows=idx)
-            optimizer.zero_grad(set_to_none=True)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            for opt in optimizers:
+                opt.step()
             if ema is not None:
                 ema.update_parameters(model)
             n = int(lengths[idx].sum())
@@ -289,7 +236,7 @@ def train(
             "epoch": epoch,
             "loss": loss_sum / positions,
             "epoch_s": epoch_s,
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": optimizers[0].param_groups[0]["lr"],
         }
         # Every epoch is validated, so a run the time limit stops ends on a validation.
         valid = evaluate_model(scored, split, "valid")
@@ -316,11 +263,12 @@ def train(
             model.load_state_dict(best_state)
             if ema is not None:
                 ema.module.load_state_dict(best_state)
-            for group in optimizer.param_groups:
-                group["lr"] *= LR_DECAY_FACTOR
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["lr"] *= LR_DECAY_FACTOR
             log(
                 f"validation stalled: back to epoch {best_epoch}, lr -> "
-                f"{optimizer.param_groups[0]['lr']:.2e}"
+                f"{optimizers[0].param_groups[0]['lr']:.2e}"
             )
         elif bad_evals >= train_cfg.patience:
             stopped_by = "early_stopping"
@@ -329,6 +277,7 @@ def train(
             stopped_by = "time_limit"
             break
     model.load_state_dict(best_state)
+    model.item_emb.sparse = False
     model.to("cpu").eval()
     return TrainResult(
         model=model,
@@ -339,6 +288,20 @@ def train(
         history=history,
         stopped_by=stopped_by,
     )
+
+
+def _optimizers(model: SASRec, lr: float, sparse: bool) -> list[torch.optim.Optimizer]:
+    """Adam; with sparse item gradients, SparseAdam (lazy Adam: moments move only for the
+    rows a step touched) for the item matrix and Adam for the rest."""
+    betas = (0.9, 0.98)
+    if not sparse:
+        return [torch.optim.Adam(model.parameters(), lr=lr, betas=betas)]
+    items = model.item_emb.weight
+    dense = [p for p in model.parameters() if p is not items]
+    return [
+        torch.optim.Adam(dense, lr=lr, betas=betas),
+        torch.optim.SparseAdam([items], lr=lr, betas=betas),
+    ]
 
 
 def weight_average(

@@ -124,14 +124,13 @@ def test_plateau_schedule_moves_weight_to_labels_then_sharpens() -> None:
             plateau_patience=2,
             alpha_step=0.25,
             temperature=4.0,
-            near_teacher_ratio=0.9,
         )
     )
     for epoch, ndcg in enumerate([0.10, 0.12, 0.11, 0.115], start=1):
         loss.on_eval(epoch, {"ndcg@10": ndcg})
     assert loss.state.teacher_weight == pytest.approx(0.75)  # two stalls after the best
     assert loss.state.temperature == 4.0
-    loss.on_eval(5, {"ndcg@10": 0.185})  # >= 0.9 * 0.2
+    loss.on_eval(5, {"ndcg@10": 0.195})  # >= 0.97 * 0.2
     assert loss.state.temperature == 2.0
     assert any("T -> 2.00" in e for e in loss.state.events)
     fixed = make_loss(DistillConfig(strategy="fixed", temperature=4.0))

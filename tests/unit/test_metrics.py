@@ -10,6 +10,7 @@ import pytest
 from compression.data.sequences import Split
 from compression.evaluate.metrics import (
     agreement,
+    eval_batch_size,
     evaluate_popularity,
     masked_ranks,
     metrics_from_ranks,
@@ -167,3 +168,9 @@ def test_the_scoring_loop_batches_by_length_and_returns_input_order() -> None:
     assert scores.argmax(axis=1).tolist() == [int(h[-1]) for h in histories]
     assert widths == sorted(widths) and max(widths) == 20  # similar lengths share a batch
     assert agreement(last_item, last_item, histories, max_len=20) == (0.0, 1.0)
+
+
+def test_evaluation_batches_shrink_with_the_catalogue() -> None:
+    assert eval_batch_size(3_416) == 512  # ML-1M: as before
+    assert eval_batch_size(1_000_000) == 33  # ~128 MB of scores per batch
+    assert eval_batch_size(10**9) == 1

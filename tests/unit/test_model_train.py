@@ -15,10 +15,10 @@ from compression.configs import ModelConfig, TrainConfig
 from compression.data.sequences import leave_one_out
 from compression.data.synthetic import SyntheticConfig, synthetic_dataset
 from compression.evaluate.metrics import evaluate_model, evaluate_popularity
+from compression.model.losses import full_softmax_ce
 from compression.model.sasrec import FastDropout, SASRec
 from compression.model.train import (
     batches_per_epoch,
-    full_softmax_ce,
     length_bucketed_batches,
     load_checkpoint,
     save_checkpoint,
