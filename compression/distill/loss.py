@@ -54,6 +54,7 @@ from torch.utils.checkpoint import checkpoint
 from compression.configs import DistillConfig
 from compression.data.sequences import pad_left
 from compression.evaluate.metrics import target_rank_torch
+from compression.model.losses import chunk_rows_for
 from compression.model.sasrec import SASRec
 from compression.model.successors import add_entries
 
@@ -61,7 +62,8 @@ from compression.model.successors import add_entries
 # the teacher's validation NDCG@10: the project's own bar.
 NEAR_TEACHER = 0.97
 TEMPERATURE_DECAY = 0.5
-# Student positions per loss chunk: bounds the [chunk, items] logit memory of each term.
+# Student positions per loss chunk: bounds the [chunk, items] logit memory of each term
+# (fewer for large catalogues: `chunk_rows_for`).
 CHUNK_ROWS = 1024
 
 
@@ -153,9 +155,11 @@ def teacher_targets(
     temperature: float,
     bf16: bool = False,
     batch_size: int = 256,
-    chunk_rows: int = 4096,
+    chunk_rows: int | None = None,
 ) -> TeacherTargets:
-    """One teacher pass over the training pairs; the student reads the last `width` steps."""
+    """One teacher pass over the training pairs; the student reads the last `width` steps.
+    Logits are computed `chunk_rows` positions at a time (by default as many as keep a block
+    near 32 MB), so a million-item teacher needs no more memory than a small one."""
     teacher.eval()
     seen = np.array([min(len(t), width) for t in targets])
     offsets = np.concatenate([[0], np.cumsum(seen)]).astype(np.int64)
@@ -166,6 +170,7 @@ def teacher_targets(
     lse = torch.empty(n, dtype=torch.float32)
     rank = torch.empty(n, dtype=torch.int32)
     weight = teacher.output_weight[1:]
+    chunk_rows = chunk_rows or chunk_rows_for(n_items, 4096)
     order = np.argsort([len(x) for x in inputs], kind="stable")  # similar lengths together
     for start in range(0, len(order), batch_size):
         pairs = order[start : start + batch_size]
@@ -328,7 +333,7 @@ class DistillLoss:
         labels = y[valid] - 1
         s_weight, t_weight = student.output_weight[1:], self.teacher.output_weight[1:]
         total = s_query.new_zeros((), dtype=torch.float32)
-        rows = CHUNK_ROWS
+        rows = chunk_rows_for(s_weight.shape[0], CHUNK_ROWS)
         for start in range(0, s_query.shape[0], rows):
             sl = slice(start, start + rows)
             total = total + checkpoint(
@@ -361,7 +366,7 @@ class DistillLoss:
             raise RuntimeError("cached teacher targets do not match the batch; call prepare()")
         s_weight = student.output_weight[1:]
         total = s_query.new_zeros((), dtype=torch.float32)
-        step = CHUNK_ROWS
+        step = chunk_rows_for(s_weight.shape[0], CHUNK_ROWS)
         for start in range(0, s_query.shape[0], step):
             sl = slice(start, start + step)
             total = total + checkpoint(

@@ -41,6 +41,16 @@ LossName = Literal["full", "sampled-uniform", "sampled-popularity", "gbce"]
 GBCE_T = 0.75
 # Positions per full cross-entropy chunk: bounds the logit memory (chunk x items).
 LOSS_CHUNK_ROWS = 2048
+# Logits held at once by any chunked pass over the catalogue (32 MB of fp32).
+CHUNK_CELLS = 2**23
+
+
+def chunk_rows_for(n_items: int, most: int = LOSS_CHUNK_ROWS) -> int:
+    """Rows per chunk so a `[rows, n_items]` logit block stays near `CHUNK_CELLS`: `most` for
+    catalogues of a few thousand items, a handful at a million."""
+    return max(1, min(most, CHUNK_CELLS // max(n_items, 1)))
+
+
 LossFn = Callable[..., Tensor]
 
 
@@ -57,7 +67,7 @@ def full_softmax_ce(
     hidden: Tensor,
     weight: Tensor,
     targets: Tensor,
-    chunk_rows: int = LOSS_CHUNK_ROWS,
+    chunk_rows: int | None = None,
     entries: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Mean cross-entropy of `hidden @ weight.T` (plus sparse successor `entries`, one row
@@ -68,6 +78,7 @@ def full_softmax_ce(
     makes the full softmax over all items affordable in memory and time.
     """
     ids, values = entries if entries is not None else (None, None)
+    chunk_rows = chunk_rows or chunk_rows_for(weight.shape[0])
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_rows):
         sl = slice(start, start + chunk_rows)
@@ -189,7 +200,7 @@ def sasrec_loss(
         query = model.query(hidden[valid])
         if sampler is None:
             weight = model.output_weight[1:]
-            return full_softmax_ce(query, weight, targets[valid] - 1, LOSS_CHUNK_ROWS, entries)
+            return full_softmax_ce(query, weight, targets[valid] - 1, None, entries)
         labels = targets[valid]
         drawn = sampler.sample(len(labels) if name == "gbce" else None).to(query.device)
         pos, neg = _sampled_logits(query, model, labels, drawn, entries)

@@ -16,6 +16,7 @@ from compression.evaluate.metrics import evaluate_model, evaluate_popularity
 from compression.model.losses import (
     NegativeSampler,
     _sampled_logits,
+    chunk_rows_for,
     gbce,
     gbce_beta,
     sampled_softmax_ce,
@@ -148,3 +149,10 @@ def test_sampled_losses_train_a_model_with_sparse_item_gradients(
     assert steps and result.model.item_emb.sparse is False  # exported as a plain table
     ndcg = evaluate_model(result.model, split, "test")["ndcg@10"]
     assert ndcg > 2 * evaluate_popularity(split, "test")["ndcg@10"]
+
+
+def test_chunks_over_the_catalogue_shrink_as_it_grows() -> None:
+    assert chunk_rows_for(3_416) == 2048  # ML-1M: unchanged
+    assert chunk_rows_for(1_000_000) == 8  # 8 x 1M logits = 32 MB
+    assert chunk_rows_for(10**9) == 1
+    assert chunk_rows_for(3_416, most=1024) == 1024
