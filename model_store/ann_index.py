@@ -73,7 +73,8 @@ def read_index(path: Path, params: HnswParams | IvfParams, dim: int, n_items: in
     faiss = faiss_module()
     fix = "publish the variant again with model_store.two_stage"
     try:
-        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
+        # Older FAISS builds lack the flag: they read the vectors into memory instead.
+        index = faiss.read_index(str(path), getattr(faiss, "IO_FLAG_MMAP_IFC", 0))
     except RuntimeError as exc:
         raise AnnIndexError(f"{path}: FAISS cannot read it ({str(exc)[:200]}); {fix}") from None
     want = faiss.IndexHNSWFlat if isinstance(params, HnswParams) else faiss.IndexIVF
