@@ -1,4 +1,5 @@
-"""Inference engines behind one protocol: int64 item ids `[batch, length]` -> float32 scores.
+"""Inference engines behind one protocol: int64 item ids `[batch, length]` -> float32 scores
+(or, for a two-stage variant, user vectors: `app.scorers` ranks either).
 
 - `OrtEngine`: ONNX Runtime; CPU, or CUDA / TensorRT execution providers when installed.
   onnxruntime-gpu silently falls back to CPU when CUDA cannot start, so the providers the
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 INPUT_NAME = "item_ids"
 OUTPUT_NAME = "scores"
+USER_VECTOR_NAME = "user_vector"  # the output of a two-stage variant's model
 
 # Builds the torch engine's module (a `torch.nn.Module`, weights not loaded) from a manifest's
 # architecture; `recsys serve` passes one that imports `compression` only when called.
@@ -43,12 +45,19 @@ class Engine(Protocol):
     name: str  # "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt", "torch-cuda", ...
 
     def run(self, item_ids: np.ndarray) -> np.ndarray:
-        """Scores `[batch, n_items + 1]` for left-padded int64 ids `[batch, length]`."""
+        """Scores `[batch, n_items + 1]` (user vectors `[batch, dim]` for a two-stage variant)
+        for left-padded int64 ids `[batch, length]`."""
         ...
 
 
 class OrtEngine:
-    def __init__(self, path: Path, threads: int = 1, providers: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        threads: int = 1,
+        providers: list[str] | None = None,
+        output: str = OUTPUT_NAME,
+    ) -> None:
         wanted = providers or CPU
         try:
             self.session = ort_session(path, threads, wanted)
@@ -64,14 +73,15 @@ class OrtEngine:
         }.get(got[0], "onnxruntime-cpu")
         inputs = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
-        if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
+        if INPUT_NAME not in inputs or output not in outputs:
             raise EngineError(
-                f"{path}: expected input {INPUT_NAME!r} and output {OUTPUT_NAME!r}, "
+                f"{path}: expected input {INPUT_NAME!r} and output {output!r}, "
                 f"found inputs {inputs} and outputs {outputs}; re-export the model"
             )
+        self.output = output
 
     def run(self, item_ids: np.ndarray) -> np.ndarray:
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: item_ids})[0]
+        return self.session.run([self.output], {INPUT_NAME: item_ids})[0]
 
 
 def gpu_ort_providers() -> list[str]:
@@ -190,14 +200,25 @@ def build_engine(
     *,
     architecture: dict[str, Any] | None = None,
     torch_factory: TorchModuleFactory | None = None,
+    output: str = OUTPUT_NAME,
 ) -> Engine:
     """The best engine for this machine from a stored version's artifacts.
 
     `kind` is the setting: "auto" prefers a matching TensorRT plan, then ONNX Runtime with
     the best provider, then the PyTorch checkpoint on CUDA; the others force one engine. The
-    torch engine needs `architecture` (the manifest's) and `torch_factory`.
+    torch engine needs `architecture` (the manifest's) and `torch_factory`. `output` other than
+    "scores" (a two-stage variant's user vector) exists only as an ONNX model.
     """
     onnx = folder / "model.onnx" if "model.onnx" in artifacts else None
+    if output != OUTPUT_NAME:
+        if kind not in ("auto", "onnxruntime"):
+            raise EngineError(
+                f"{folder}: a two-stage variant (output {output!r}) runs on ONNX Runtime only; "
+                f"set the engine to 'auto' or 'onnxruntime', not {kind!r}"
+            )
+        if onnx is None:
+            raise EngineError(f"{folder}: has no ONNX model (model.onnx) to serve")
+        return OrtEngine(onnx, threads=threads, providers=gpu_ort_providers(), output=output)
     plan = folder / "model.plan" if "model.plan" in artifacts else None
     checkpoint = folder / CHECKPOINT_FILE if CHECKPOINT_FILE in artifacts else None
     legacy = [name for name in LEGACY_CHECKPOINTS if name in artifacts]

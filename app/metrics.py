@@ -90,6 +90,11 @@ class Metrics:
             "recsys_model_info", "1 for the model version each variant serves",
             ["variant", "model", "version", "precision", "engine"], registry=r,
         )  # fmt: skip
+        self.variant_memory = Gauge(
+            "recsys_variant_memory_bytes", "Bytes a variant holds or maps: model file, item "
+            "matrix, ANN index and scorer tables (mapped pages count once they are read)",
+            ["variant"], registry=r,
+        )  # fmt: skip
         self.model_loads = Counter(
             "recsys_model_loads", "Model version loads by result (ok, failed)",
             ["variant", "result"], registry=r,

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from app.engines import Engine, TorchModuleFactory, build_engine
-from app.ranking import Ranker
+from app.scorers import Ranking, build_ranking
 from model_store import ModelStore
 from model_store.item_ids import ItemIdError, check_item_ids, is_canonical_decimal
 
@@ -100,22 +100,35 @@ class LoadedModel:
             self.max_len = int(manifest.architecture["max_len"])
             self.n_items = int(manifest.dataset.n_items)
             artifacts = {k: v.model_dump() for k, v in manifest.artifacts.items()}
+            # Full-score models rank the engine's scores; two-stage ones its user vectors
+            # (`app.scorers`, chosen by the manifest's `scorer`).
+            ranking = build_ranking(manifest, folder, threads)
             self.engine: Engine = build_engine(
                 folder, artifacts, engine_kind, threads, self.max_len,
                 architecture=manifest.architecture, torch_factory=torch_factory,
+                output=ranking.output,
             )  # fmt: skip
             self._load_items(folder / manifest.item_mapping)
         except ModelLoadError:
             raise
-        except Exception as exc:  # store, manifest, engine and mapping errors alike
+        except Exception as exc:  # store, manifest, engine, scorer and mapping errors alike
             raise ModelLoadError(f"{ref}: cannot be served: {exc}") from exc
-        self.ranker = Ranker(threads)
+        self.ranker: Ranking = ranking.ranking
+        self.output_width = ranking.width
+        self.scorer = "full" if manifest.scorer is None else manifest.scorer.kind
+        # A full-score model's lone request may run on the event loop (`inline_when_idle`);
+        # a catalogue scan takes milliseconds the loop must not lose.
+        self.runs_inline = manifest.scorer is None
         self.buckets = sorted({min(b, self.max_len) for b in buckets} | {self.max_len})
         precisions = {a.precision for a in manifest.artifacts.values() if a.format == "onnx"}
+        if manifest.scorer is not None:
+            precisions.add(f"items-{manifest.scorer.precision}")
         self.precision = ",".join(sorted(precisions)) or "fp32"
         self.size_bytes = sum(
             a.size_bytes for a in manifest.artifacts.values() if a.format in ("onnx", "tensorrt")
         )
+        # What this variant holds or maps: model file(s), item matrix, index, scorer tables.
+        self.memory_bytes = {"model_bytes": self.size_bytes, **ranking.memory_bytes}
 
     def _load_items(self, path: Path) -> None:
         payload: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
@@ -173,21 +186,25 @@ class LoadedModel:
         return np.asarray(known, dtype=np.int64), len(history) - len(known)
 
     def warm_up(self, max_batch_size: int) -> float:
-        """Run every (batch, length bucket) shape the batcher can send; returns seconds."""
+        """Run every (batch, length bucket) shape the batcher can send; returns seconds.
+
+        The ranking step sees one shape per batch size (not per bucket), so it runs once per
+        size: for a 5M-item scan that is a few scans, not one per bucket."""
         started = time.perf_counter()
         sizes = sorted({1, max_batch_size} | {b for b in (8, 32) if b < max_batch_size})
-        for length in self.buckets:
-            for size in sizes:
+        what = "scores" if self.scorer == "full" else "user vectors"
+        for size in sizes:
+            for length in self.buckets:
                 ids = np.ones((size, length), dtype=np.int64)
-                scores = self.engine.run(ids)
-                if scores.shape != (size, self.n_items + 1):
+                outputs = self.engine.run(ids)
+                if outputs.shape != (size, self.output_width):
                     raise ModelLoadError(
-                        f"{self.ref}: engine returned scores {scores.shape}, expected "
-                        f"({size}, {self.n_items + 1}); the artifact does not match its manifest"
+                        f"{self.ref}: engine returned {what} {outputs.shape}, expected "
+                        f"({size}, {self.output_width}); the artifact does not match its manifest"
                     )
-                if not np.isfinite(scores).all():
-                    raise ModelLoadError(f"{self.ref}: engine returns non-finite scores")
-                self.ranker.top_k(scores, [None] * size, min(10, self.n_items))
+                if not np.isfinite(outputs).all():
+                    raise ModelLoadError(f"{self.ref}: engine returns non-finite {what}")
+            self.ranker.top_k(outputs, [None] * size, min(10, self.n_items))
         return time.perf_counter() - started
 
     def run_batch(self, queries: Sequence[Query]) -> list[Ranked]:
@@ -247,5 +264,9 @@ class LoadedModel:
             "max_len": self.max_len,
             "n_items": self.n_items,
             "size_bytes": self.size_bytes,
+            "scorer": self.scorer,
+            "ranking": self.ranker.name,
+            "memory_bytes": sum(self.memory_bytes.values()),
+            "memory": self.memory_bytes,
             "metrics": m.metrics,
         }

@@ -135,7 +135,7 @@ class Service:
             max_queue_size=b.max_queue_size,
             max_inflight_batches=b.max_inflight_batches,
             max_queue_delay_s=b.max_queue_delay_s,
-            inline_when_idle=b.inline_when_idle,
+            inline_when_idle=b.inline_when_idle and model.runs_inline,
         )
         m.queue_capacity.labels(name).set(b.max_queue_size)
         batcher = DynamicBatcher(
@@ -151,6 +151,7 @@ class Service:
                         old.engine.name)  # fmt: skip
         info.labels(name, new.manifest.name, str(new.manifest.version), new.precision,
                     new.engine.name).set(1)  # fmt: skip
+        self.metrics.variant_memory.labels(name).set(sum(new.memory_bytes.values()))
 
     async def load_all(self) -> None:
         """Load every configured variant; until all load, stay alive and say why not ready."""

@@ -5,6 +5,7 @@ Every model forbids unknown keys and is strict (no "1" -> 1 coercion), so a typo
 written by a newer schema fails loudly instead of being half-understood.
 """
 
+import json
 import re
 import types
 from datetime import datetime, timedelta
@@ -20,7 +21,13 @@ from pydantic import (
     model_validator,
 )
 
-SCHEMA_VERSION = 1
+# The newest schema this code reads. A version is written with the lowest schema that can
+# express it (the store writes 1 unless a scorer is set), so an older service still reads every
+# full-score version published by newer code, and refuses a two-stage one by its version number
+# instead of half-understanding it.
+SCHEMA_VERSION = 2
+# Keys a schema added, for the "unknown key" message of a manifest that declares an older one.
+ADDED_IN = {2: ("scorer",)}
 MANIFEST_FILE = "manifest.json"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 # A parent is pinned to a version: "name@latest" would make provenance drift over time.
@@ -66,13 +73,75 @@ class DatasetInfo(BaseModel):
 class ArtifactInfo(BaseModel):
     model_config = _CONFIG
 
-    format: Literal["pytorch", "onnx", "tensorrt", "json", "npz", "other"]
+    format: Literal["pytorch", "onnx", "tensorrt", "json", "npz", "npy", "faiss", "other"]
     precision: NonEmpty = "fp32"
     sha256: Sha256
     size_bytes: int = Field(ge=0)
     # A TensorRT engine runs only with the TensorRT version and GPU it was built for.
     tensorrt_version: str | None = None
     compute_capability: str | None = None
+
+
+class HnswParams(BaseModel):
+    """A FAISS `IndexHNSWFlat` over the item rows (inner product)."""
+
+    model_config = _CONFIG
+
+    type: Literal["hnsw"]
+    m: int = Field(ge=2, le=256)  # graph neighbours per node
+    ef_construction: int = Field(ge=1)
+    ef_search: int = Field(ge=1)  # raised to the number of results asked for when smaller
+
+
+class IvfParams(BaseModel):
+    """A FAISS inverted-file index (`IndexIVFFlat` or `IndexIVFScalarQuantizer` QT_8bit)."""
+
+    model_config = _CONFIG
+
+    type: Literal["ivf"]
+    nlist: int = Field(ge=1)  # k-means cells
+    nprobe: int = Field(ge=1)  # cells searched per query
+    encoding: Literal["flat", "sq8"]
+
+
+IndexParams = Annotated[HnswParams | IvfParams, Field(discriminator="type")]
+
+
+class ScorerInfo(BaseModel):
+    """How a two-stage variant ranks: `model.onnx` maps the history to a user vector
+    `[batch, dim]` (output `user_vector`); the item matrix scores it (schema_version 2).
+
+    The item matrix (`item_matrix`, .npy) holds rows 0..n_items (row 0 = padding) in blocks of
+    `block_rows` rows, each block stored transposed: shape `[n_blocks, dim, block_rows]`, the
+    last block zero-padded. Blocks are what the scorer multiplies, so the file is memory-mapped
+    and used without a copy. int8 rows come with one float32 scale per row (`item_scales`,
+    shape `[n_items + 1]`): row i = int8 row i * scale[i]. `kind` "exact" scores every row;
+    "ann" searches `index` (FAISS, built at publish time over rows 1..n_items) and rescores
+    what it finds with the matrix. A manifest without `scorer` is a full-score model.
+    """
+
+    model_config = _CONFIG
+
+    kind: Literal["exact", "ann"]
+    dim: int = Field(ge=1)
+    precision: Literal["fp32", "int8"]
+    block_rows: int = Field(ge=1)
+    item_matrix: NonEmpty
+    item_scales: NonEmpty | None = None
+    index: NonEmpty | None = None
+    index_params: IndexParams | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ScorerInfo":
+        if (self.precision == "int8") != (self.item_scales is not None):
+            raise ValueError("item_scales is required for precision 'int8' and only for it")
+        if (self.kind == "ann") != (self.index is not None and self.index_params is not None):
+            raise ValueError("kind 'ann' needs index and index_params; 'exact' takes neither")
+        return self
+
+    def files(self) -> list[str]:
+        """The artifact names this scorer reads."""
+        return [f for f in (self.item_matrix, self.item_scales, self.index) if f is not None]
 
 
 def check_file_name(name: str) -> str:
@@ -90,7 +159,7 @@ def check_file_name(name: str) -> str:
 class Manifest(BaseModel):
     model_config = _CONFIG
 
-    schema_version: Literal[1]
+    schema_version: Literal[1, 2]
     name: str
     version: int = Field(ge=1)
     created_at: str  # ISO-8601 UTC, set by the store
@@ -103,6 +172,7 @@ class Manifest(BaseModel):
     metrics: dict[str, float]
     artifacts: dict[str, ArtifactInfo]  # keyed by file name inside the version folder
     item_mapping: str = "items.json"
+    scorer: ScorerInfo | None = None  # None: the model scores every item itself
 
     @field_validator("name")
     @classmethod
@@ -147,6 +217,23 @@ class Manifest(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _scorer_files_are_artifacts(self) -> "Manifest":
+        if self.scorer is None:
+            return self
+        if self.schema_version < 2:
+            raise ValueError(
+                f"key 'scorer' needs schema_version 2 (this manifest says {self.schema_version}); "
+                "publish it again with this version of the store"
+            )
+        missing = [f for f in self.scorer.files() if f not in self.artifacts]
+        if missing:
+            raise ValueError(
+                f"scorer names {missing[0]!r}, which is not among the artifacts "
+                f"({', '.join(sorted(self.artifacts))})"
+            )
+        return self
+
     def to_json(self) -> str:
         """The manifest as it is written to manifest.json (indented, trailing newline)."""
         return self.model_dump_json(indent=2) + "\n"
@@ -159,38 +246,49 @@ def load_manifest(path: str | Path) -> Manifest:
     try:
         return Manifest.model_validate_json(data)
     except ValidationError as exc:
-        raise ManifestError(f"{path}: {format_validation_error(exc)}") from exc
+        raise ManifestError(f"{path}: {format_validation_error(exc, _declared(data))}") from exc
 
 
-def format_validation_error(exc: ValidationError) -> str:
+def _declared(data: bytes) -> int:
+    """The schema_version a manifest declares (SCHEMA_VERSION when it says none usable)."""
+    try:
+        version = json.loads(data).get("schema_version")
+    except (ValueError, AttributeError):
+        return SCHEMA_VERSION
+    return version if type(version) is int and 1 <= version <= SCHEMA_VERSION else SCHEMA_VERSION
+
+
+def format_validation_error(exc: ValidationError, schema_version: int = SCHEMA_VERSION) -> str:
     """One line for humans: the most telling error in plain words, plus how many more.
 
     Unknown keys come first (a misspelt key also shows up as a missing one, and the
     misspelling is what the user must fix); pydantic's own order differs between releases.
     """
     errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
-    text = _describe(errors[0])
+    text = _describe(errors[0], schema_version)
     if len(errors) > 1:
         text += f" (+{len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
     return text
 
 
-def _describe(error: Any) -> str:
+def _describe(error: Any, schema_version: int) -> str:
     loc = tuple(error["loc"])
     where = _dotted(loc)
     kind = error["type"]
     if kind == "extra_forbidden":
         parent = _model_at(loc[:-1])
-        allowed = ", ".join(parent.model_fields) if parent else "?"
+        later = {key for v, keys in ADDED_IN.items() if v > schema_version for key in keys}
+        fields = [f for f in (parent.model_fields if parent else ()) if f not in later]
+        allowed = ", ".join(fields) or "?"
         inside = f" in {_dotted(loc[:-1])}" if len(loc) > 1 else ""
-        allows = f"schema_version {SCHEMA_VERSION} allows: {allowed}"
+        allows = f"schema_version {schema_version} allows: {allowed}"
         return f"unknown key {loc[-1]!r}{inside} ({allows})"
     if kind == "missing":
         return f"missing required key {where!r}"
     if loc == ("schema_version",) and kind == "literal_error":
         return (
             f"unsupported schema_version {error['input']!r} "
-            f"(this code reads schema_version {SCHEMA_VERSION})"
+            f"(this code reads schema_version 1 to {SCHEMA_VERSION})"
         )
     message = error["msg"].removeprefix("Value error, ")
     value = error.get("input")

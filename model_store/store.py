@@ -30,6 +30,7 @@ from model_store.manifest import (
     DatasetInfo,
     Manifest,
     ManifestError,
+    ScorerInfo,
     Signature,
     format_validation_error,
     load_manifest,
@@ -55,6 +56,8 @@ _FORMAT_BY_SUFFIX = {
     ".engine": "tensorrt",
     ".json": "json",
     ".npz": "npz",
+    ".npy": "npy",
+    ".faiss": "faiss",
 }
 _NAME_RE = re.compile(NAME_PATTERN)
 _REF_HELP = "expected 'name', 'name@latest' or 'name@<version>' (version >= 1)"
@@ -93,12 +96,14 @@ class ModelStore:
         signature: Signature | Mapping[str, Any] | None = None,
         formats: Mapping[str, tuple[str, str]] | None = None,
         tensorrt: Mapping[str, tuple[str, str]] | None = None,
+        scorer: ScorerInfo | Mapping[str, Any] | None = None,
     ) -> Manifest:
         """Copy `files` (store file name -> source path) into a new version of `name`.
 
         `formats[file] = (format, precision)` overrides the format guessed from the suffix and
         the default precision "fp32"; `tensorrt[file] = (tensorrt_version, compute_capability)`
-        records where an engine was built. Returns the manifest as written.
+        records where an engine was built; `scorer` makes it a two-stage variant (its files must
+        be among `files`; `model_store.two_stage` writes them). Returns the manifest as written.
         """
         _check_name(name)
         if ITEM_MAPPING not in files:
@@ -120,7 +125,8 @@ class ModelStore:
                 raise StoreError(f"publish {name!r}: source for {file_name!r} is not a file: {src}")
 
         fields: dict[str, Any] = {
-            "schema_version": SCHEMA_VERSION,
+            # The lowest schema that holds it (manifest.SCHEMA_VERSION says why).
+            "schema_version": 1 if scorer is None else SCHEMA_VERSION,
             "name": name,
             "kind": kind,
             "parent": parent,
@@ -131,6 +137,8 @@ class ModelStore:
             "signature": signature,
             "metrics": dict(metrics),
         }
+        if scorer is not None:
+            fields["scorer"] = scorer
 
         def artifacts(stats: Mapping[str, tuple[str, int]]) -> dict[str, dict[str, Any]]:
             out = {}

@@ -111,7 +111,7 @@ def test_model_config_is_not_a_key(tmp_path: Path) -> None:
     assert "more error" in message  # and "architecture" is missing: the count says so
 
 
-@pytest.mark.parametrize("version", [2, 0, "1", None])
+@pytest.mark.parametrize("version", [3, 0, "1", None])  # 2 adds `scorer` (two-stage)
 def test_wrong_schema_version_rejected(tmp_path: Path, version: object) -> None:
     data = valid()
     data["schema_version"] = version
