@@ -308,6 +308,63 @@ def export(
     )
 
 
+# A start for `--index`; the benchmark page (docs/results/*two-stage*) has the measured trade-offs.
+DEFAULT_INDEXES = {
+    "hnsw": {"type": "hnsw", "m": 32, "ef_construction": 100, "ef_search": 64},
+    "ivf": {"type": "ivf", "nlist": 1024, "nprobe": 16, "encoding": "sq8"},
+}
+
+
+@app.command("two-stage")
+def two_stage(
+    model: Annotated[
+        str, typer.Argument(help="Stored model with a model.safetensors: NAME@VERSION.")
+    ],
+    precision: Annotated[str, typer.Option(help="Item matrix: 'int8' or 'fp32'.")] = "int8",
+    index: Annotated[
+        str | None,
+        typer.Option(help="Approximate index: 'hnsw', 'ivf' or a JSON object of its settings."),
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Store name of the variant.")] = None,
+    store: StoreOpt = Path(DEFAULT_STORE),
+) -> None:
+    """Publish a two-stage variant (user vector + item matrix, optional FAISS index) for
+    large catalogues, evaluated like every model."""
+    import json
+
+    from compression.two_stage import two_stage_variant
+    from model_store.manifest import HnswParams, IvfParams
+
+    if precision not in ("int8", "fp32"):
+        raise UserError(f"--precision {precision!r}: expected 'int8' or 'fp32'")
+    params: dict[str, Any] | None = None
+    if index is not None:
+        try:
+            params = DEFAULT_INDEXES.get(index) or json.loads(index)
+        except json.JSONDecodeError:
+            params = None
+        kinds = {"hnsw": HnswParams, "ivf": IvfParams}
+        if not isinstance(params, dict) or params.get("type") not in kinds:
+            raise UserError(
+                f"--index {index!r}: expected 'hnsw', 'ivf' or a JSON object with "
+                '"type": "hnsw" or "ivf" and its settings'
+            )
+        _validated(kinds[params["type"]], params)
+    m = two_stage_variant(
+        _store(store),
+        model,
+        precision=precision,
+        index=params,
+        name=name,  # type: ignore[arg-type]
+    )
+    recall = m.metrics.get("index_recall@10")
+    typer.echo(
+        f"published {m.name}@{m.version} (parent {m.parent}): test NDCG@10 "
+        f"{m.metrics['test_ndcg@10']:.4f}"
+        + (f", index recall@10 {recall:.4f}" if recall is not None else "")
+    )
+
+
 @app.command()
 def quantize(
     model: Annotated[str, typer.Argument(help="Stored model with a model.onnx: NAME@VERSION.")],

@@ -20,13 +20,14 @@ import numpy as np
 import onnx
 import torch
 
-from compression.evaluate.metrics import agreement, torch_scorer
+from compression.evaluate.metrics import agreement, scored_batches, torch_scorer
 from compression.export import graph as onnx_graph
 from compression.model.sasrec import SASRec
 from model_store.runtime import ort_session
 
 INPUT_NAME = "item_ids"
 OUTPUT_NAME = "scores"
+USER_VECTOR_NAME = "user_vector"  # the output of a two-stage variant's model
 OPSET = 17
 
 
@@ -45,6 +46,31 @@ class ParityReport:
             "parity_max_abs_diff": self.max_abs_diff,
             "parity_top10_agreement": self.top10_agreement,
         }
+
+
+def export_user_model(model: SASRec, path: Path, histories: Sequence[np.ndarray]) -> float:
+    """Write the two-stage user model (`item_ids -> user_vector`) to `path`, checked against
+    PyTorch on `histories`; returns the largest difference (raises ExportError above 1e-3)."""
+    model = model.eval()
+    tmp = path.with_name(path.name + ".tmp")
+    onnx.save(onnx_graph.build(model, INPUT_NAME, USER_VECTOR_NAME, user_vector=True), str(tmp))
+    session = ort_session(tmp, threads=None)
+
+    def got(batch: np.ndarray) -> np.ndarray:
+        return session.run([USER_VECTOR_NAME], {INPUT_NAME: batch})[0]
+
+    def want(batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model.user_vector(torch.from_numpy(batch)).float().numpy()
+
+    worst = 0.0
+    for _, (a, b) in scored_batches(lambda x: (got(x), want(x)), histories, model.cfg.max_len):
+        worst = max(worst, float(np.abs(a - b).max()))
+    if worst > 1e-3:
+        tmp.unlink()
+        raise ExportError(f"{path}: user vectors differ from PyTorch by up to {worst:.2e}")
+    tmp.replace(path)
+    return worst
 
 
 def export_onnx(model: SASRec, path: Path, writer: Literal["graph", "torch"] = "graph") -> None:

@@ -24,6 +24,7 @@ not written here (`supports` says so); `export_onnx` falls back to PyTorch's exp
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import onnx
@@ -111,10 +112,19 @@ class _Graph:
         return self.one("Unsqueeze", [bias, self.const(f"axes_{'_'.join(map(str, axes))}", axes)])
 
 
-def build(model: SASRec, input_name: str, output_name: str) -> onnx.ModelProto:
-    """The graph `item_ids [batch, length] -> scores [batch, n_items + 1]` of `model`."""
+def build(
+    model: SASRec, input_name: str, output_name: str, user_vector: bool = False
+) -> onnx.ModelProto:
+    """The graph `item_ids [batch, length] -> scores [batch, n_items + 1]` of `model`, or
+    with `user_vector` `-> [batch, width]`, the vector the item matrix is scored against
+    (two-stage contract; successor lists, which add to the score row, are refused)."""
     if not supports(model):
-        raise ValueError("mixed-dimension item embeddings: use the PyTorch exporter")
+        raise ValueError("this item table is not a plain embedding: use the PyTorch exporter")
+    if user_vector and model.successors is not None:
+        raise ValueError(
+            "successor lists add to the score row, which a two-stage variant never computes: "
+            "publish this model with the full-score contract"
+        )
     cfg = model.cfg
     g = _Graph({k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()})
     window = [
@@ -157,6 +167,10 @@ def build(model: SASRec, input_name: str, output_name: str) -> onnx.ModelProto:
         query = g.one(
             "MatMul", [query, g.weight("out_proj.weight_t", g.state["out_proj.weight"].T)]
         )
+    if user_vector:
+        g.nodes.append(helper.make_node("Identity", [query], [output_name], name="user_vector"))
+        width = cfg.emb_dim or cfg.hidden
+        return _model(g, input_name, output_name, ["batch", width])
     # Gemm(transB=1) on the very matrix the input Gather reads: one copy of it in the file,
     # and the form `quantize_item_matrix` rewrites into an int8 product.
     n_rows = cfg.n_items + 1
@@ -165,12 +179,15 @@ def build(model: SASRec, input_name: str, output_name: str) -> onnx.ModelProto:
     g.nodes.append(helper.make_node("Gemm", [query, items, zero], [dense], name="scores", transB=1))
     if model.successors is not None:
         _successor_scores(g, model, ids, dense, output_name)
+    return _model(g, input_name, output_name, ["batch", n_rows])
 
+
+def _model(g: _Graph, input_name: str, output_name: str, out_dims: list[str | int]) -> Any:
     graph = helper.make_graph(
         g.nodes,
         "sasrec",
         [helper.make_tensor_value_info(input_name, TensorProto.INT64, ["batch", "length"])],
-        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["batch", n_rows])],
+        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, out_dims)],
         g.initializers,
     )
     onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])

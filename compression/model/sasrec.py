@@ -169,8 +169,9 @@ class SASRec(nn.Module):
             x = torch.where(valid.unsqueeze(-1), block(x, attn_mask), 0.0)
         return self.final_ln(x)
 
-    def forward(self, seq: Tensor) -> Tensor:
-        """Scores of every item after the last position, `[batch, n_items + 1]`.
+    def user_vector(self, seq: Tensor) -> Tensor:
+        """`[batch, width]`: what the item matrix is scored against after the last position
+        (the two-stage contract's output).
 
         Computes only what inference needs: the last block runs attention and FFN for the
         last position alone (the other positions only serve as its keys and values).
@@ -179,12 +180,16 @@ class SASRec(nn.Module):
         for block in self.blocks[:-1]:
             x = torch.where(valid.unsqueeze(-1), block(x, attn_mask), 0.0)
         last = self.blocks[-1](x, attn_mask, last_only=True)[:, 0]
+        return self.query(self.final_ln(last))
+
+    def forward(self, seq: Tensor) -> Tensor:
+        """Scores of every item after the last position, `[batch, n_items + 1]`."""
         # With a bias, F.linear exports as Gemm(transB=1) on the very initializer the input
         # Gather reads; `@ weight.T` (or no bias) made the exporter store a transposed second
         # copy of the item matrix, doubling the model file.
         weight = self.output_weight
         zero_bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
-        scores = F.linear(self.query(self.final_ln(last)), weight, zero_bias)
+        scores = F.linear(self.user_vector(seq), weight, zero_bias)
         if self.successors is not None:
             scores = self.successors.add_to(scores, seq[:, -self.cfg.max_len :])
         return scores

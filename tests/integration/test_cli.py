@@ -241,3 +241,18 @@ def test_build_and_compare_reports_go_to_the_store_not_the_source_tree(
     assert (tmp_path / "mine" / "c.json").is_file()
     after = set(results.rglob("*")) if results.exists() else set()
     assert not [p for p in after - before if "rep" in p.name], "a report went into the source tree"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--precision", "int4"], "--precision 'int4'"),
+        (["--index", "annoy"], "--index 'annoy'"),
+        (["--index", '{"type": "hnsw", "m": 1}'], "m"),
+    ],
+)
+def test_two_stage_refuses_bad_options_in_one_line(
+    monkeypatch, capsys, tmp_path, args: list[str], message: str
+) -> None:
+    code, _, err = run(monkeypatch, capsys, "two-stage", "t@1", *args, "--store", str(tmp_path))
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1

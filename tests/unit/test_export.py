@@ -110,3 +110,16 @@ def test_both_writers_give_the_same_scores_and_a_bad_writer_is_named(tmp_path: P
     assert nodes["graph"] < nodes["torch"] / 2, nodes
     with pytest.raises(ValueError, match="writer='tf'"):
         export_onnx(m, tmp_path / "x.onnx", writer="tf")  # type: ignore[arg-type]
+
+
+def test_a_user_vector_graph_matches_pytorch_and_refuses_successor_lists(tmp_path: Path) -> None:
+    from compression.export.exporter import export_user_model
+
+    m = model(emb_dim=8)
+    worst = export_user_model(m, tmp_path / "user.onnx", histories())
+    graph = onnx.load(str(tmp_path / "user.onnx")).graph
+    out = graph.output[0]
+    assert out.name == "user_vector" and worst < 1e-4
+    assert [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim] == ["batch", 8]
+    with pytest.raises(ValueError, match="successor lists add to the score row"):
+        export_user_model(model(successors=2), tmp_path / "no.onnx", histories())
