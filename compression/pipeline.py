@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from compression.configs import DataSpec, ModelConfig, StudentRecipe, TeacherRecipe
 from compression.data.sequences import SequenceDataset, Split, leave_one_out, load_dataset
 from compression.evaluate.metrics import evaluate_model, evaluate_popularity
@@ -316,3 +318,71 @@ def distill_student(
         wall_s=wall_s,
         extra_metrics=extra,
     )
+
+
+def distill_from_external(
+    recipe: StudentRecipe,
+    data_spec: DataSpec,
+    teacher_onnx: Path,
+    teacher_items: Path,
+    store: ModelStore,
+    *,
+    context: int = 200,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> TrainReport:
+    """Distil an ONNX teacher trained elsewhere (`compression.distill.external`) into the
+    student of `recipe` on `data_spec`'s data. Its targets are cached on disk next to the
+    store (`.teacher-cache/`) and reused by every student of the same teacher and data; the
+    manifest names the teacher by its file's sha256."""
+    from functools import partial
+
+    import onnx
+
+    from compression.distill.external import load_external_teacher
+    from compression.distill.external_targets import external_targets
+    from compression.distill.loss import DistillLoss
+    from compression.evaluate.metrics import eval_batch_size, evaluate_scorer
+    from compression.model.train import train
+
+    if recipe.distill is None:
+        raise ValueError("an external teacher is for distillation; drop --labels-only")
+    data = load_from_spec(data_spec)
+    split = leave_one_out(data)
+    _remember(data, split)
+    teacher = load_external_teacher(teacher_onnx, teacher_items, data)
+    log(f"teacher {teacher_onnx.name} (sha256 {teacher.sha256[:12]}…): {teacher.join.report()}")
+    batch = eval_batch_size(data.n_items)
+    t_valid = evaluate_scorer(teacher.scores, split, "valid", context, batch)
+    t_test = evaluate_scorer(teacher.scores, split, "test", context, batch)
+    log(f"teacher valid ndcg@10 {t_valid['ndcg@10']:.4f}, test {t_test['ndcg@10']:.4f}")
+    cache = store.root.parent / ".teacher-cache"
+    targets_of = partial(external_targets, teacher, context=context, cache_dir=cache)
+    loss = DistillLoss(recipe.distill, None, t_valid["ndcg@10"], targets_of=targets_of)
+    student_cfg = recipe.model_config_for(data.n_items)
+    started = time.perf_counter()
+    result = train(
+        student_cfg, recipe.train, split, loss_fn=loss, progress=progress, log=log,
+        on_eval=loss.on_eval, input_len=max(context, student_cfg.max_len),
+    )  # fmt: skip
+    graph = onnx.load(str(teacher_onnx))
+    teacher_params = sum(int(np.prod(t.dims)) for t in graph.graph.initializer)
+    external = {
+        "file": teacher_onnx.name,
+        "sha256": teacher.sha256,
+        "items_file": teacher_items.name,
+        "context": context,
+        "unknown_items": len(teacher.join.unknown_to_teacher),
+    }
+    return evaluate_and_publish(
+        store, recipe.name, result, data, split, kind="student", parent=None,
+        recipe={**recipe.model_dump(), "teacher": None, "external_teacher": external,
+                "data": data_spec.model_dump(), "schedule_events": loss.state.events},
+        wall_s=time.perf_counter() - started,
+        extra_metrics={
+            "teacher_test_ndcg@10": t_test["ndcg@10"],
+            "teacher_valid_ndcg@10": t_valid["ndcg@10"],
+            "teacher_params": float(teacher_params),
+            "params_ratio": result.model.num_parameters() / max(teacher_params, 1),
+        },
+    )  # fmt: skip

@@ -262,12 +262,26 @@ def distill(
     ] = False,
     name: Annotated[str | None, typer.Option(help="Override the student's store name.")] = None,
     seed: Annotated[int | None, typer.Option(help="Override the recipe's random seed.")] = None,
+    teacher_onnx: Annotated[
+        Path | None,
+        typer.Option(help="An ONNX teacher trained elsewhere (int64 history -> scores)."),
+    ] = None,
+    teacher_items: Annotated[
+        Path | None, typer.Option(help="With --teacher-onnx: its item ids, in id order.")
+    ] = None,
+    teacher_context: Annotated[
+        int, typer.Option(help="With --teacher-onnx: most recent items it reads.", min=1)
+    ] = 200,
+    data: Annotated[
+        str | None, typer.Option(help="With --teacher-onnx: the data file to distil on.")
+    ] = None,
     store: StoreOpt = Path(DEFAULT_STORE),
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Distil a stored teacher into a smaller student and publish it (parent = teacher)."""
-    from compression.configs import StudentRecipe, load_recipe
-    from compression.pipeline import distill_student
+    """Distil a teacher into a smaller student and publish it: a stored teacher (parent =
+    teacher), or an ONNX teacher from elsewhere (--teacher-onnx, --teacher-items, --data)."""
+    from compression.configs import DataSpec, StudentRecipe, load_recipe
+    from compression.pipeline import distill_from_external, distill_student
 
     cfg = load_recipe(str(recipe), StudentRecipe)
     updates: dict[str, Any] = {}
@@ -281,7 +295,15 @@ def distill(
         updates["train"] = {**cfg.train.model_dump(), "seed": seed}
     if updates:
         cfg = _validated(StudentRecipe, {**cfg.model_dump(), **updates})
-    report = distill_student(cfg, _store(store), progress=progress)
+    if teacher_onnx is not None:
+        if teacher_items is None or data is None:
+            raise UserError("--teacher-onnx needs --teacher-items FILE and --data PATH")
+        report = distill_from_external(
+            cfg, DataSpec(path=data), teacher_onnx, teacher_items, _store(store),
+            context=teacher_context, progress=progress,
+        )  # fmt: skip
+    else:
+        report = distill_student(cfg, _store(store), progress=progress)
     _report_model(report)
     typer.echo(
         f"published {report.manifest.name}@{report.manifest.version} "

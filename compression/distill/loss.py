@@ -42,7 +42,7 @@ as long as a labels-only one. The `plateau` schedule rebuilds them when it chang
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -226,14 +226,35 @@ class DistillState:
     events: list[str] = field(default_factory=list)
 
 
-class DistillLoss:
-    """Callable `(student, inputs, targets) -> loss` for `compression.model.train.train`."""
+# (inputs, targets, width, top_k, temperature) -> the teacher's cached targets.
+TargetsFn = Callable[[Sequence[np.ndarray], Sequence[np.ndarray], int, int, float], TeacherTargets]
 
-    def __init__(self, cfg: DistillConfig, teacher: SASRec, teacher_valid_ndcg: float) -> None:
+
+class DistillLoss:
+    """Callable `(student, inputs, targets) -> loss` for `compression.model.train.train`.
+
+    The teacher is a stored SASRec (`teacher`), or any source of cached top-K targets
+    (`targets_of`, e.g. an external ONNX teacher: `compression.distill.external_targets`),
+    which needs `top_k` since the whole catalogue per position is never cached."""
+
+    def __init__(
+        self,
+        cfg: DistillConfig,
+        teacher: SASRec | None,
+        teacher_valid_ndcg: float,
+        targets_of: TargetsFn | None = None,
+    ) -> None:
+        if teacher is None and (targets_of is None or cfg.top_k is None):
+            raise ValueError(
+                "a teacher given only as cached targets (an external teacher) needs "
+                "[distill] top_k: set it, e.g. top_k = 128"
+            )
         self.cfg = cfg
-        self.teacher = teacher.eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        self.teacher = teacher.eval() if teacher is not None else None
+        if self.teacher is not None:
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+        self._targets_of = targets_of or self._own_targets
         self.teacher_valid_ndcg = teacher_valid_ndcg
         self.state = DistillState(temperature=cfg.temperature)
         # The teacher's cached targets for the training pairs (None: not cached).
@@ -246,16 +267,29 @@ class DistillLoss:
         """Called by `train` with its training pairs: cache the teacher's targets (top-K only;
         the whole catalogue per position would not fit in memory on large data sets)."""
         cfg = self.cfg
-        if cfg.top_k is None or cfg.top_k >= self.teacher.cfg.n_items:
+        if cfg.top_k is None:
             return
+        if self.teacher is not None and cfg.top_k >= self.teacher.cfg.n_items:
+            return  # the whole catalogue: on the fly is as cheap
         self._pairs = (inputs, targets, width)
         self._build()
+
+    def _own_targets(
+        self,
+        inputs: Sequence[np.ndarray],
+        targets: Sequence[np.ndarray],
+        width: int,
+        top_k: int,
+        temperature: float,
+    ) -> TeacherTargets:
+        assert self.teacher is not None
+        return teacher_targets(self.teacher, inputs, targets, width, top_k, temperature)
 
     def _build(self) -> None:
         assert self._pairs is not None and self.cfg.top_k is not None
         inputs, targets, width = self._pairs
-        self.targets = teacher_targets(
-            self.teacher, inputs, targets, width, self.cfg.top_k, self.state.temperature
+        self.targets = self._targets_of(
+            inputs, targets, width, self.cfg.top_k, self.state.temperature
         )
 
     def combine(self, kl: Tensor, l2: Tensor, ce: Tensor, rank: Tensor | None) -> Tensor:
@@ -317,6 +351,8 @@ class DistillLoss:
         targets the teacher does not run at all."""
         if self.targets is not None and rows is not None:
             return self._cached(student, inputs, targets, rows)
+        if self.teacher is None:
+            raise RuntimeError("cached teacher targets are missing; call prepare() first")
         width = student.cfg.max_len
         with torch.no_grad():
             t_hidden = self.teacher.encode(inputs)[:, -width:]

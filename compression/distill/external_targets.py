@@ -1,0 +1,118 @@
+"""An external teacher's targets for every training position, computed once and cached on
+disk (memory-mapped), so every student distilled from it reuses them.
+
+Position j of a training pair is scored by the teacher reading the pair's input up to and
+including j (its last `context` items, left-padded), exactly what the student predicts from
+there. The cache key covers the teacher file, the join of its ids, the training pairs,
+`width`, `top_k`, the temperature and `context`: change any and the targets are computed
+again. Arrays are written with `np.save` and read with `allow_pickle=False`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compression.data.sequences import pad_left
+from compression.distill.external import ExternalTeacher
+from compression.distill.loss import TeacherTargets
+from compression.evaluate.metrics import target_rank
+
+FIELDS = ("offsets", "top_ids", "top_logits", "lse", "rank")
+
+
+def _key(
+    teacher: ExternalTeacher,
+    inputs: Sequence[np.ndarray],
+    targets: Sequence[np.ndarray],
+    settings: dict[str, object],
+) -> str:
+    digest = hashlib.sha256(teacher.sha256.encode())
+    digest.update(teacher.join.columns.tobytes())
+    for x, y in zip(inputs, targets, strict=True):
+        digest.update(np.asarray(x, np.int64).tobytes() + b"|" + np.asarray(y, np.int64).tobytes())
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()[:32]
+
+
+def external_targets(
+    teacher: ExternalTeacher,
+    inputs: Sequence[np.ndarray],
+    targets: Sequence[np.ndarray],
+    width: int,
+    top_k: int,
+    temperature: float,
+    *,
+    context: int = 200,
+    cache_dir: Path,
+    batch_size: int = 256,
+) -> TeacherTargets:
+    """`TeacherTargets` for the last `width` positions of each pair (`DistillLoss` layout)."""
+    settings = {"width": width, "top_k": top_k, "T": temperature, "context": context}
+    folder = cache_dir / _key(teacher, inputs, targets, settings)
+    if not all((folder / f"{name}.npy").is_file() for name in FIELDS):
+        _compute(teacher, inputs, targets, width, top_k, temperature, context, folder, batch_size)
+    arrays = {
+        name: np.load(folder / f"{name}.npy", mmap_mode="c", allow_pickle=False) for name in FIELDS
+    }
+    return TeacherTargets(
+        np.asarray(arrays["offsets"]),
+        torch.from_numpy(arrays["top_ids"]),
+        torch.from_numpy(arrays["top_logits"]),
+        torch.from_numpy(arrays["lse"]),
+        torch.from_numpy(arrays["rank"]),
+        temperature,
+    )
+
+
+def _compute(
+    teacher: ExternalTeacher,
+    inputs: Sequence[np.ndarray],
+    targets: Sequence[np.ndarray],
+    width: int,
+    top_k: int,
+    temperature: float,
+    context: int,
+    folder: Path,
+    batch_size: int,
+) -> None:
+    seen = np.array([min(len(t), width) for t in targets])
+    offsets = np.concatenate([[0], np.cumsum(seen)]).astype(np.int64)
+    # Every position's prefix and label, in the flattened order of `offsets`.
+    prefixes, labels = [], []
+    for x, y, n in zip(inputs, targets, seen, strict=True):
+        for j in range(len(y) - n, len(y)):
+            prefixes.append(x[: j + 1][-context:])
+            labels.append(y[j])
+    n = len(prefixes)
+    id_dtype = np.int16 if teacher.join.columns.shape[0] < 2**15 else np.int32
+    out = {
+        "top_ids": np.empty((n, top_k), id_dtype),
+        "top_logits": np.empty((n, top_k), np.float16),
+        "lse": np.empty(n, np.float32),
+        "rank": np.empty(n, np.int32),
+    }
+    order = np.argsort([len(p) for p in prefixes], kind="stable")  # similar lengths together
+    for start in range(0, n, batch_size):
+        rows = order[start : start + batch_size]
+        scores = teacher.scores(pad_left([prefixes[r] for r in rows], context))[:, 1:]
+        label = np.array([labels[r] for r in rows]) - 1
+        top = np.argpartition(-scores, top_k - 1, axis=1)[:, :top_k]
+        top_scores = np.take_along_axis(scores, top, axis=1)
+        order_k = np.argsort(-top_scores, axis=1, kind="stable")
+        out["top_ids"][rows] = np.take_along_axis(top, order_k, axis=1)
+        out["top_logits"][rows] = np.take_along_axis(top_scores, order_k, axis=1)
+        known = np.where(np.isfinite(scores), scores / temperature, -np.inf)
+        peak = known.max(axis=1, keepdims=True)
+        out["lse"][rows] = peak[:, 0] + np.log(np.exp(known - peak).sum(axis=1))
+        out["rank"][rows] = target_rank(scores, label)  # unknown to the teacher: last
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for name, array in {"offsets": offsets, **out}.items():
+        np.save(tmp / f"{name}.npy", array, allow_pickle=False)
+    tmp.rename(folder)  # whole or absent: a crash never leaves half a cache
