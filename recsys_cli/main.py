@@ -330,6 +330,33 @@ def export(
     )
 
 
+@app.command("import-onnx")
+def import_onnx(
+    model: Annotated[Path, typer.Argument(help="ONNX model: int64 history -> item scores.")],
+    items: Annotated[Path, typer.Option(help="Its item ids in id order (lines, or CSV item_id).")],
+    data: Annotated[str, typer.Option(help="The data (event log or sequence file) to serve.")],
+    name: Annotated[str, typer.Option(help="Store name of the imported model.")],
+    context: Annotated[int, typer.Option(help="Most recent items it reads.", min=1)] = 200,
+    user_col: Annotated[str | None, typer.Option(help="Event log: user column.")] = None,
+    item_col: Annotated[str | None, typer.Option(help="Event log: item column.")] = None,
+    time_col: Annotated[str | None, typer.Option(help="Event log: timestamp column.")] = None,
+    store: StoreOpt = Path(DEFAULT_STORE),
+) -> None:
+    """Import a recommender trained elsewhere (checked against the teacher contract, its ids
+    joined to the data's) as a stored model: served, compared and compressed like ours."""
+    from compression.configs import DataSpec
+    from compression.external import import_external
+
+    spec = _validated(
+        DataSpec, {"path": data, "user_col": user_col, "item_col": item_col, "time_col": time_col}
+    )
+    m = import_external(_store(store), model, items, spec, name, context=context)
+    typer.echo(
+        f"published {m.name}@{m.version}: test NDCG@10 {m.metrics['test_ndcg@10']:.4f}, "
+        f"{m.recipe['external_teacher']['unknown_items']} data items unknown to it"
+    )
+
+
 # A start for `--index`; the benchmark page (docs/results/*two-stage*) has the measured trade-offs.
 DEFAULT_INDEXES = {
     "hnsw": {"type": "hnsw", "m": 32, "ef_construction": 100, "ef_search": 64},
