@@ -1,0 +1,105 @@
+"""The headline table over seeds: mean ± sd of each row's test metrics, from the store.
+
+Each seed is a family: `<teacher>-s<seed>`, `<student>-s<seed>` distilled from it, and
+`<student>-s<seed>-int8` (item rows + dynamic INT8). Retention is per seed, against that
+seed's own teacher, then averaged. Rows whose models are missing are reported as missing.
+
+    python benchmarks/headline.py --store /path/to/models --seeds 0 1 2 \
+        --teacher ml1m-teacher --student ml1m-student --out benchmarks/results/headline-ml1m
+
+Writes headline.json and headline.md under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from model_store.store import ModelStore, StoreError
+
+METRICS = ("test_ndcg@10", "test_hr@10", "test_ndcg@20", "test_hr@20")
+
+
+def _latest(store: ModelStore, name: str) -> dict | None:
+    try:
+        manifest, _ = store.resolve(f"{name}@latest")
+    except StoreError:
+        return None
+    onnx = manifest.artifacts.get("model.onnx")
+    return {
+        "ref": f"{manifest.name}@{manifest.version}",
+        "params": manifest.metrics.get("params"),
+        "onnx_bytes": onnx.size_bytes if onnx else None,
+        "epochs": manifest.metrics.get("epochs"),
+        **{k: manifest.metrics[k] for k in METRICS if k in manifest.metrics},
+    }
+
+
+def _mean_sd(values: list[float]) -> dict[str, float | int]:
+    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return {"mean": statistics.fmean(values), "sd": sd, "n": len(values)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--teacher", default="ml1m-teacher")
+    parser.add_argument("--student", default="ml1m-student")
+    parser.add_argument("--out", default="benchmarks/results/headline-ml1m")
+    args = parser.parse_args()
+    store = ModelStore(Path(args.store))
+    rows = {"teacher": args.teacher, "student": args.student, "student INT8": None}
+    per_seed: dict[str, list[dict]] = {label: [] for label in rows}
+    for seed in args.seeds:
+        teacher = _latest(store, f"{args.teacher}-s{seed}")
+        student = _latest(store, f"{args.student}-s{seed}")
+        int8 = _latest(store, f"{args.student}-s{seed}-int8")
+        for label, found in (("teacher", teacher), ("student", student), ("student INT8", int8)):
+            if found is None:
+                continue
+            if teacher is not None and "test_ndcg@10" in found:
+                found["retention"] = found["test_ndcg@10"] / teacher["test_ndcg@10"]
+            per_seed[label].append({"seed": seed, **found})
+    summary = {
+        label: {
+            key: _mean_sd([r[key] for r in runs])
+            for key in (*METRICS, "retention")
+            if runs and all(key in r for r in runs)
+        }
+        | {"models": [r["ref"] for r in runs], "params": runs[0]["params"] if runs else None,
+           "onnx_bytes": runs[0]["onnx_bytes"] if runs else None}
+        for label, runs in per_seed.items()
+    }  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "headline.json").write_text(
+        json.dumps({"per_seed": per_seed, "summary": summary}, indent=2)
+    )
+    lines = [
+        "| model | seeds | params | ONNX bytes | NDCG@10 | HR@10 | retention |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, s in summary.items():
+        if not s["models"]:
+            lines.append(f"| {label} | missing | | | | | |")
+            continue
+
+        def cell(key: str, fmt: str = ".4f", s: dict = s) -> str:
+            if key not in s:
+                return "-"
+            m = s[key]
+            return f"{m['mean']:{fmt}} ± {m['sd']:{fmt}}"
+
+        lines.append(
+            f"| {label} | {len(s['models'])} | {s['params']:,.0f} | {s['onnx_bytes']:,} "
+            f"| {cell('test_ndcg@10')} | {cell('test_hr@10')} | {cell('retention', '.1%')} |"
+        )
+    (out / "headline.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""benchmarks/headline.py: mean ± sd over seeds and per-seed retention, from a store."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from model_store import ModelStore
+from tests.conftest import REPO_ROOT
+from tests.integration.conftest import publish_tiny
+
+
+def test_headline_table_over_seeds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = ModelStore(tmp_path / "models")
+    for seed in (0, 1):
+        publish_tiny(store, f"x-teacher-s{seed}", seed=seed)  # test NDCG@10 0.2
+        publish_tiny(store, f"x-student-s{seed}", seed=seed, hidden=8)  # 0.19
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import headline
+
+    out = tmp_path / "out"
+    argv = ["headline.py", "--store", str(store.root), "--seeds", "0", "1",
+            "--teacher", "x-teacher", "--student", "x-student", "--out", str(out)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    headline.main()
+    summary = json.loads((out / "headline.json").read_text())["summary"]
+    assert summary["teacher"]["test_ndcg@10"] == {"mean": 0.2, "sd": 0.0, "n": 2}
+    assert summary["student"]["retention"]["mean"] == pytest.approx(0.95)
+    assert summary["student INT8"]["models"] == []
+    table = (out / "headline.md").read_text()
+    assert "| student | 2 |" in table and "95.0% ± 0.0%" in table
+    assert "| student INT8 | missing |" in table
