@@ -28,11 +28,15 @@ from model_store.runtime import ort_session
 SCRATCH_ELEMS = 1 << 18  # floats in one call's output (1 MB), whatever the batch size
 MAX_ROWS = 64  # batch rows per scan; a larger batch is scanned in parts of this size
 SEED_COLUMNS = 4096  # items whose bounds set the first thresholds before the scan
-USER_LEVELS = 63  # 7-bit user vector: |q| <= 63, stored as q + 64 in uint8 (1..127)
-# Rounding slack, relative to a row's L1 norm: float32 rounding of the few products and sums
-# behind a bound is below 3e-5 of it (measured worst case 1e-6); 1e-4 covers it with margin.
-_SLACK = 1e-4
 _OPSET = 17
+USER_LEVELS = 63  # 7-bit user vector: |q| <= 63, stored as q + 64 in uint8 (1..127)
+
+
+def _slack(dim: int) -> float:
+    """Float32 rounding allowance of the bound, in units of scale x L1(row): the bound's own
+    product, bias and sum round by less than 2e-5 of that, and the exact rescoring (a dim-term
+    dot product, compared in units 63 times larger) by at most 63 * dim * 2**-24 of it."""
+    return 1e-4 + 2 * USER_LEVELS * dim * 2.0**-24
 
 
 def _graph(precision: str, dim: int) -> bytes:
@@ -88,13 +92,14 @@ class ExactScorer:
         scale = np.zeros(n_padded, dtype=np.float32)
         if m.scales is not None:
             scale[: m.n_rows] = m.scales
+            slack = _slack(m.dim)
             for j, block in enumerate(m.blocks):
                 q = block.astype(np.int32)
                 at = slice(j * m.block_rows, (j + 1) * m.block_rows)
                 # The users operand is q_user + 64, so each product carries 64 * rowsum: the
                 # bias takes it out. Half a quantization step of the user vector per component
                 # moves a score by at most scale * L1(row) / 2 (in the product's units).
-                half_width = scale[at] * np.abs(q).sum(axis=0) * (0.5 + _SLACK)
+                half_width = scale[at] * np.abs(q).sum(axis=0) * (0.5 + slack)
                 bias[at] = half_width - 64 * scale[at] * q.sum(axis=0)
                 width[at] = 2 * half_width
         bias[0] = -np.inf
