@@ -274,7 +274,10 @@ def distill_student(
     loss_fn, on_eval = None, None
     if recipe.distill is not None:
         teacher_ndcg = teacher_manifest.metrics.get("valid_ndcg@10", 0.0)
-        distill_loss = DistillLoss(recipe.distill, teacher, teacher_ndcg)
+        distill_loss = DistillLoss(
+            recipe.distill, teacher, teacher_ndcg, negatives=_negatives(recipe),
+            seed=recipe.train.seed,
+        )  # fmt: skip
         loss_fn, on_eval = distill_loss, distill_loss.on_eval
     init_model = warm_start(teacher, student_cfg, parent) if recipe.init == "teacher" else None
     log(
@@ -320,6 +323,11 @@ def distill_student(
     )
 
 
+def _negatives(recipe: StudentRecipe) -> int | None:
+    """A student trained with a sampled loss also samples its distillation normaliser."""
+    return recipe.train.negatives if recipe.train.loss != "full" else None
+
+
 def distill_from_external(
     recipe: StudentRecipe,
     data_spec: DataSpec,
@@ -358,7 +366,10 @@ def distill_from_external(
     log(f"teacher valid ndcg@10 {t_valid['ndcg@10']:.4f}, test {t_test['ndcg@10']:.4f}")
     cache = store.root.parent / ".teacher-cache"
     targets_of = partial(external_targets, teacher, context=context, cache_dir=cache)
-    loss = DistillLoss(recipe.distill, None, t_valid["ndcg@10"], targets_of=targets_of)
+    loss = DistillLoss(
+        recipe.distill, None, t_valid["ndcg@10"], targets_of=targets_of,
+        negatives=_negatives(recipe), seed=recipe.train.seed,
+    )  # fmt: skip
     student_cfg = recipe.model_config_for(data.n_items)
     started = time.perf_counter()
     result = train(

@@ -243,6 +243,8 @@ class DistillLoss:
         teacher: SASRec | None,
         teacher_valid_ndcg: float,
         targets_of: TargetsFn | None = None,
+        negatives: int | None = None,
+        seed: int = 0,
     ) -> None:
         if teacher is None and (targets_of is None or cfg.top_k is None):
             raise ValueError(
@@ -255,6 +257,11 @@ class DistillLoss:
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
         self._targets_of = targets_of or self._own_targets
+        # With `negatives`, the student's normaliser is estimated from that many uniform
+        # draws per batch (compression.distill.sampled): a step ignores the catalogue size.
+        self.negatives = negatives
+        self.sparse_embeddings = negatives is not None
+        self._generator = torch.Generator().manual_seed(seed)
         self.teacher_valid_ndcg = teacher_valid_ndcg
         self.state = DistillState(temperature=cfg.temperature)
         # The teacher's cached targets for the training pairs (None: not cached).
@@ -400,6 +407,8 @@ class DistillLoss:
         rows = t.rows_of(pairs)
         if rows.shape[0] != s_query.shape[0]:
             raise RuntimeError("cached teacher targets do not match the batch; call prepare()")
+        if self.negatives is not None:
+            return self._cached_sampled(student, s_query, rows, labels, t, s_entries)
         s_weight = student.output_weight[1:]
         total = s_query.new_zeros((), dtype=torch.float32)
         step = chunk_rows_for(s_weight.shape[0], CHUNK_ROWS)
@@ -410,6 +419,31 @@ class DistillLoss:
                 _at(s_entries, sl), use_reentrant=False,
             )  # fmt: skip
         return total / max(s_query.shape[0], 1)
+
+    def _cached_sampled(
+        self,
+        student: SASRec,
+        s_query: Tensor,
+        rows: Tensor,
+        labels: Tensor,
+        t: TeacherTargets,
+        s_entries: tuple[Tensor, Tensor] | None,
+    ) -> Tensor:
+        from compression.distill.sampled import sampled_cached_terms, student_logits_at
+
+        assert self.negatives is not None
+        n_items = student.cfg.n_items
+        weight = student.item_emb.weight
+        drawn = torch.randint(0, n_items, (self.negatives,), generator=self._generator)
+        top_ids = t.top_ids[rows].long()
+        kl, l2, ce = sampled_cached_terms(
+            student_logits_at(s_query, weight, top_ids, s_entries),
+            student_logits_at(s_query, weight, labels[:, None], s_entries)[:, 0],
+            student_logits_at(s_query, weight, drawn, s_entries),
+            top_ids, labels, drawn, n_items, t.top_logits[rows].float(), t.lse[rows],
+            self.state.temperature,
+        )  # fmt: skip
+        return self.combine(kl, l2, ce, t.rank[rows]) / max(s_query.shape[0], 1)
 
     def on_eval(self, epoch: int, valid: dict[str, float]) -> None:
         """The `plateau` schedule; a no-op for the other strategies."""

@@ -139,12 +139,18 @@ def _sampled_logits(
     else:
         neg = torch.einsum("rd,rnd->rn", query, vectors).float()
     if entries is not None:
-        ids, values = entries  # [rows, m]: successor ids and their scores
-        pos = pos + (values * (ids == targets[:, None])).sum(-1)
-        drawn = negatives if negatives.dim() == 2 else negatives[None, :]
-        same = ids[:, :, None] == drawn[:, None, :]  # [rows, m, n]
-        neg = neg + (values[:, :, None].float() * same).sum(1)
+        pos = pos + successor_scores_at(entries, targets[:, None])[:, 0]
+        neg = neg + successor_scores_at(entries, negatives)
     return pos, neg
+
+
+def successor_scores_at(entries: tuple[Tensor, Tensor], ids: Tensor) -> Tensor:
+    """The successor-list score of each id in `ids` (`[n]` shared or `[rows, n]`) for each
+    row of `entries` (`[rows, m]` successor ids and scores): `[rows, n]`."""
+    found, values = entries
+    drawn = ids if ids.dim() == 2 else ids[None, :]
+    same = found[:, :, None] == drawn[:, None, :]  # [rows, m, n]
+    return (values[:, :, None].float() * same).sum(1)
 
 
 def sampled_softmax_ce(

@@ -84,3 +84,16 @@ def test_a_short_context_copy_of_the_teacher_starts_from_its_weights(store_with_
     m = distill_student(recipe, store_with_teacher, progress=False, log=lambda _: None).manifest
     assert m.recipe["init"] == "teacher" and m.architecture["max_len"] == 6
     assert 0.95 < m.metrics["params_ratio"] < 1.0  # the same model less 10 position rows
+
+
+def test_a_student_with_a_sampled_loss_also_samples_its_distillation(store_with_teacher) -> None:
+    recipe = StudentRecipe(
+        name="s-sampled", teacher="t@latest",
+        model={"hidden": 16, "emb_dim": 8, "max_len": 8, "n_blocks": 1},
+        train={"max_epochs": 4, "lr": 5e-3, "loss": "sampled-uniform", "negatives": 16,
+               "threads": 1},
+        distill=DistillConfig(alpha=1.0, temperature=1.0, beta=0.5, top_k=8),
+    )  # fmt: skip
+    m = distill_student(recipe, store_with_teacher, progress=False, log=lambda _: None).manifest
+    assert m.recipe["train"]["loss"] == "sampled-uniform"
+    assert m.metrics["test_ndcg@10"] > m.metrics["popularity_test_ndcg@10"]

@@ -201,3 +201,24 @@ def test_no_cache_without_top_k_or_with_the_whole_catalogue() -> None:
         loss = DistillLoss(cfg, teacher, teacher_valid_ndcg=0.2)
         loss.prepare(*pairs, width=10)
         assert loss.targets is None
+
+
+def test_sampled_terms_equal_the_full_ones_when_every_item_is_drawn() -> None:
+    from compression.distill.loss import cached_terms
+    from compression.distill.sampled import sampled_cached_terms
+
+    torch.manual_seed(0)
+    n, rows, k = 40, 6, 5
+    logits = torch.randn(rows, n) * 2
+    top_ids = torch.stack([torch.randperm(n)[:k] for _ in range(rows)])
+    labels = torch.tensor([top_ids[0, 2].item(), 7, 11, 0, 39, 3])  # one label among the K
+    top_logits, lse = torch.randn(rows, k), torch.randn(rows) + 5
+    every = torch.arange(n)
+    for temperature in (1.0, 2.0):
+        want = cached_terms(logits, top_ids, top_logits, lse, labels, temperature)
+        got = sampled_cached_terms(
+            logits.gather(1, top_ids), logits.gather(1, labels[:, None])[:, 0], logits,
+            top_ids, labels, every, n, top_logits, lse, temperature,
+        )  # fmt: skip
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
