@@ -65,6 +65,15 @@ class TeacherStep(_Strict):
     train: TrainConfig = TrainConfig()
 
 
+class ExternalTeacherStep(_Strict):
+    """A teacher trained elsewhere, instead of `[teacher]` (compression.distill.external)."""
+
+    onnx: str = Field(description="ONNX file: int64 history of its ids -> scores")
+    items: str = Field(description="its item ids in id order (lines, or CSV item_id)")
+    context: int = Field(200, ge=1, description="most recent items it reads")
+    name: str | None = Field(None, pattern=NAME_PATTERN, description="default <family>-teacher")
+
+
 class StudentStep(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
     model: ModelFields = Field(default_factory=dict)
@@ -108,6 +117,7 @@ class BuildRecipe(_Strict):
     family: str = Field(pattern=NAME_PATTERN)
     data: DataSpec = DataSpec()
     teacher: TeacherStep = TeacherStep()
+    external_teacher: ExternalTeacherStep | None = None
     students: list[StudentStep] = Field(default_factory=list)
     quantize: list[QuantizeStep] = Field(default_factory=list)
     prune: list[PruneStep] = Field(default_factory=list)
@@ -124,6 +134,11 @@ def load_build_recipe(path: str | Path) -> BuildRecipe:
         raise ValueError(f"{file}: recipe not found; pass a file under recipes/") from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(f"{file}: not a readable TOML recipe ({exc})") from None
+    if "teacher" in raw and "external_teacher" in raw:
+        raise ValueError(
+            f"{file}: [teacher] and [external_teacher] both set; a build has one teacher: "
+            "keep the one you mean"
+        )
     try:
         raw, teacher_ref, student_refs = _resolve_references(raw, file)
         recipe = BuildRecipe(**raw)
@@ -325,12 +340,6 @@ def _run_steps(
     recipe: BuildRecipe, store: ModelStore, progress: bool, log: Callable[[str], None]
 ) -> dict[str, Manifest]:
     from compression.pipeline import distill_student, train_teacher
-    from compression.variants import (
-        context_variant,
-        fp16_variant,
-        prune_variant,
-        quantize_variant,
-    )
 
     built: dict[str, Manifest] = {}
 
@@ -345,6 +354,9 @@ def _run_steps(
             log(f"{name}: reusing {_ref(found)} from the store")
         return found
 
+    if recipe.external_teacher is not None:
+        _external_steps(recipe, store, built, reuse, progress, log)
+        return _variant_steps(recipe, store, built, source, reuse, log)
     teacher_recipe = TeacherRecipe(
         name=recipe.teacher.name or f"{recipe.family}-teacher", data=recipe.data,
         model=recipe.teacher.model,
@@ -376,6 +388,25 @@ def _run_steps(
         if found is None:
             found = distill_student(student, store, progress, log).manifest
         built[step.name] = _with_onnx(store, found, log)
+
+    return _variant_steps(recipe, store, built, source, reuse, log)
+
+
+def _variant_steps(
+    recipe: BuildRecipe,
+    store: ModelStore,
+    built: dict[str, Manifest],
+    source: Callable[[str], str],
+    reuse: Callable[[str, Callable[[Manifest], bool]], Manifest | None],
+    log: Callable[[str], None],
+) -> dict[str, Manifest]:
+    """The quantize, prune, FP16 and context steps, on models `built` so far."""
+    from compression.variants import (
+        context_variant,
+        fp16_variant,
+        prune_variant,
+        quantize_variant,
+    )
 
     for q in recipe.quantize:
         cfg = _quantize_config(q)
@@ -413,3 +444,55 @@ def _run_steps(
                       and m.recipe.get("context") == n)  # fmt: skip
         built[name] = found or context_variant(store, parent, c.max_len, name=name, log=log)
     return built
+
+
+def _external_steps(
+    recipe: BuildRecipe,
+    store: ModelStore,
+    built: dict[str, Manifest],
+    reuse: Callable[[str, Callable[[Manifest], bool]], Manifest | None],
+    progress: bool,
+    log: Callable[[str], None],
+) -> None:
+    """An external teacher imported as the family's teacher, its students distilled from
+    the ONNX file itself; each reused when the store holds it for the same file and data."""
+    import hashlib
+
+    from compression.external import import_external
+    from compression.pipeline import distill_from_external
+
+    ext = recipe.external_teacher
+    assert ext is not None
+    onnx_path, items = Path(ext.onnx), Path(ext.items)
+    if not onnx_path.is_file():
+        raise ValueError(f"external_teacher.onnx: {ext.onnx} does not exist")
+    sha = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    data = recipe.data.model_dump()
+
+    def same_teacher(m: Manifest) -> bool:
+        mine = m.recipe.get("external_teacher") or {}
+        return mine.get("sha256") == sha and m.recipe.get("data") == data
+
+    name = ext.name or f"{recipe.family}-teacher"
+    teacher = reuse(name, lambda m: same_teacher(m) and m.recipe["external_teacher"].get(
+        "context") == ext.context)  # fmt: skip
+    built[name] = teacher or import_external(
+        store, onnx_path, items, recipe.data, name, context=ext.context, log=log
+    )
+    for step in recipe.students:
+        student = StudentRecipe(
+            name=step.name, teacher="external", model=step.model, train=step.train,
+            distill=step.distill, init="random",
+        )  # fmt: skip
+        want = _without(student.model_dump(), "teacher")
+
+        def same_student(m: Manifest, w: dict[str, Any] = want) -> bool:
+            mine = _settings(StudentRecipe, m.recipe, "data", "schedule_events", "stopped_by",
+                             "external_teacher")  # fmt: skip
+            return same_teacher(m) and _without(mine or {}, "teacher") == w
+
+        found = reuse(step.name, same_student)
+        built[step.name] = found or distill_from_external(
+            student, recipe.data, onnx_path, items, store, context=ext.context,
+            progress=progress, log=log,
+        ).manifest  # fmt: skip

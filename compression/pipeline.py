@@ -387,7 +387,7 @@ def distill_from_external(
     }
     return evaluate_and_publish(
         store, recipe.name, result, data, split, kind="student", parent=None,
-        recipe={**recipe.model_dump(), "teacher": None, "external_teacher": external,
+        recipe={**recipe.model_dump(), "teacher": "external", "external_teacher": external,
                 "data": data_spec.model_dump(), "schedule_events": loss.state.events},
         wall_s=time.perf_counter() - started,
         extra_metrics={

@@ -86,3 +86,52 @@ def test_int8_and_fp16_of_the_imported_graph(imported) -> None:
     assert q.metrics["top10_agreement_vs_parent"] > 0.8
     half = fp16_variant(store, "ext@1", log=lambda _: None)
     assert half.metrics["top10_agreement_vs_parent"] > 0.95
+
+
+def test_a_build_recipe_with_an_external_teacher(imported, tmp_path: Path) -> None:
+    from compression.build import load_build_recipe, run_build
+
+    _, path = imported
+    root = path.parent
+    recipe_file = tmp_path / "ext.toml"
+    recipe_file.write_text(f"""
+family = "shop"
+[data]
+path = "{root / "events.csv"}"
+user_col = "user_id"
+item_col = "item_id"
+time_col = "ts"
+[external_teacher]
+onnx = "{path}"
+items = "{root / "teacher-items.txt"}"
+context = 6
+[[students]]
+name = "shop-student"
+model = {{ hidden = 16, max_len = 6, n_blocks = 1 }}
+train = {{ max_epochs = 2, lr = 0.005, threads = 1 }}
+distill = {{ alpha = 1.0, temperature = 1.0, top_k = 8 }}
+[[quantize]]
+source = "shop-teacher"
+config = {{ mode = "dynamic" }}
+""")
+    recipe = load_build_recipe(recipe_file)
+    store = ModelStore(tmp_path / "models")
+    built = run_build(recipe, store, progress=False, log=lambda _: None)
+    assert set(built) == {"shop-teacher", "shop-student", "shop-teacher-int8-dynamic"}
+    assert (
+        built["shop-student"].recipe["external_teacher"]["sha256"]
+        == (built["shop-teacher"].recipe["external_teacher"]["sha256"])
+    )
+    logs: list[str] = []
+    again = run_build(recipe, store, progress=False, log=logs.append)
+    assert {n: m.version for n, m in again.items()} == {n: m.version for n, m in built.items()}
+    assert sum("reusing" in line for line in logs) == 3
+
+
+def test_a_build_has_one_teacher(tmp_path: Path) -> None:
+    from compression.build import load_build_recipe
+
+    recipe_file = tmp_path / "two.toml"
+    recipe_file.write_text('family = "x"\n[teacher]\n[external_teacher]\nonnx = "a"\nitems = "b"\n')
+    with pytest.raises(ValueError, match=r"\[teacher\] and \[external_teacher\] both set"):
+        load_build_recipe(recipe_file)
