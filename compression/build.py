@@ -329,10 +329,11 @@ def run_build(
     log: Callable[[str], None] = print,
 ) -> dict[str, Manifest]:
     """Every step of the recipe, in order; returns model name -> manifest built or reused.
-    The data set is loaded and split once for all of them (`shared_splits`)."""
+    The data set is loaded and split once for all of them (`shared_splits`), and each
+    stored parent's files are checked once (`ModelStore.verify_once`)."""
     from compression.pipeline import shared_splits
 
-    with shared_splits():
+    with shared_splits(), store.verify_once():
         return _run_steps(recipe, store, progress, log)
 
 

@@ -16,7 +16,8 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,22 @@ def sha256_file(path: str | Path) -> str:
 class ModelStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        # Versions whose artifacts were checked inside `verify_once` (None outside it).
+        self._verified: set[tuple[str, int]] | None = None
+
+    @contextmanager
+    def verify_once(self) -> Iterator[None]:
+        """Within this block `load` checks each version's artifacts once: a published
+        version never changes, so a build that reads one parent for several steps pays for
+        its sha256 once. Nested blocks share the outer one."""
+        if self._verified is not None:
+            yield
+            return
+        self._verified = set()
+        try:
+            yield
+        finally:
+            self._verified = None
 
     # -- publishing --------------------------------------------------------------------------
 
@@ -252,8 +269,11 @@ class ModelStore:
     def load(self, ref: str, verify: bool = True) -> tuple[Manifest, Path]:
         """Like resolve, but (by default) checks every artifact's size and sha256 first."""
         manifest, folder = self.resolve(ref)
-        if verify:
+        key = (manifest.name, manifest.version)
+        if verify and (self._verified is None or key not in self._verified):
             _verify(manifest, folder)
+            if self._verified is not None:
+                self._verified.add(key)
         return manifest, folder
 
     def artifact_path(self, ref: str, artifact: str) -> Path:

@@ -509,18 +509,19 @@ def _build_and_report(
     """Build, compare, write the report (and print it with `show`); return the report."""
     from compression.pipeline import shared_splits
 
-    with shared_splits():  # the build and its report read and split the data once
-        return _build_and_report_once(recipe, store, progress, repeats, out, show)
+    # The build and its report read and split the data once, and check each model once.
+    s = _store(store)
+    with shared_splits(), s.verify_once():
+        return _build_and_report_once(recipe, s, store, progress, repeats, out, show)
 
 
 def _build_and_report_once(
-    recipe: Any, store: Path, progress: bool, repeats: tuple[int, int], out: Path | None,
-    show: bool,
+    recipe: Any, s: Any, store: Path, progress: bool, repeats: tuple[int, int],
+    out: Path | None, show: bool,
 ) -> Any:  # fmt: skip
     from compression.build import run_build
     from compression.report.compare import compare_family, write_report
 
-    s = _store(store)
     built = run_build(recipe, s, progress=progress, log=_quiet if progress else typer.echo)
     typer.echo(f"built {len(built)} models in {store}: {', '.join(sorted(built))}")
     if recipe.compare is None:

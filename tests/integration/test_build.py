@@ -63,9 +63,20 @@ def test_build_publishes_the_family_and_a_rerun_reuses_it(
     store = ModelStore(tmp_path / "store")
     loads = _count_calls(monkeypatch, "load_dataset")
     splits = _count_calls(monkeypatch, "leave_one_out")
+    import model_store.store as store_module
+
+    checked: list[tuple[str, int]] = []
+    real_verify = store_module._verify
+
+    def verify(manifest, folder):  # type: ignore[no-untyped-def]
+        checked.append((manifest.name, manifest.version))
+        return real_verify(manifest, folder)
+
+    monkeypatch.setattr(store_module, "_verify", verify)
     built = run_build(recipe, store, progress=False, log=lambda _: None)
-    # Six models from one read and one split of the data set.
+    # Six models from one read and one split of the data set; each parent checked once.
     assert (len(loads), len(splits)) == (1, 1)
+    assert checked and len(checked) == len(set(checked)), checked
     assert set(built) == {"tiny-teacher", "tiny-student", "tiny-student-int8-dynamic",
                           "tiny-teacher-pruned", "tiny-teacher-fp16",
                           "tiny-student-int8-dynamic-ctx4"}  # fmt: skip
