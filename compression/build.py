@@ -125,6 +125,12 @@ class BuildRecipe(_Strict):
     context: list[ContextStep] = Field(default_factory=list)
     compare: CompareStep | None = CompareStep()
 
+    @property
+    def teacher_name(self) -> str:
+        """The family's teacher in the store: trained here or imported."""
+        step = self.external_teacher or self.teacher
+        return step.name or f"{self.family}-teacher"
+
 
 def load_build_recipe(path: str | Path) -> BuildRecipe:
     file = Path(path)
@@ -359,7 +365,7 @@ def _run_steps(
         _external_steps(recipe, store, built, reuse, progress, log)
         return _variant_steps(recipe, store, built, source, reuse, log)
     teacher_recipe = TeacherRecipe(
-        name=recipe.teacher.name or f"{recipe.family}-teacher", data=recipe.data,
+        name=recipe.teacher_name, data=recipe.data,
         model=recipe.teacher.model,
         train=recipe.teacher.train,
     )  # fmt: skip
@@ -470,17 +476,28 @@ def _external_steps(
     sha = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
     data = recipe.data.model_dump()
 
+    items_sha = hashlib.sha256(items.read_bytes()).hexdigest() if items.is_file() else ""
+
     def same_teacher(m: Manifest) -> bool:
         mine = m.recipe.get("external_teacher") or {}
-        return mine.get("sha256") == sha and m.recipe.get("data") == data
+        return (mine.get("sha256"), mine.get("items_sha256"), mine.get("context")) == (
+            sha,
+            items_sha,
+            ext.context,
+        ) and m.recipe.get("data") == data
 
-    name = ext.name or f"{recipe.family}-teacher"
-    teacher = reuse(name, lambda m: same_teacher(m) and m.recipe["external_teacher"].get(
-        "context") == ext.context)  # fmt: skip
+    name = recipe.teacher_name
+    teacher = reuse(name, same_teacher)
     built[name] = teacher or import_external(
         store, onnx_path, items, recipe.data, name, context=ext.context, log=log
     )
+    parent = _ref(built[name])
     for step in recipe.students:
+        if step.init == "teacher":
+            raise ValueError(
+                f"students.{step.name}: init = 'teacher' copies a stored PyTorch teacher; an "
+                "external teacher has no weights to copy: use init = 'random'"
+            )
         student = StudentRecipe(
             name=step.name, teacher="external", model=step.model, train=step.train,
             distill=step.distill, init="random",
@@ -495,5 +512,5 @@ def _external_steps(
         found = reuse(step.name, same_student)
         built[step.name] = found or distill_from_external(
             student, recipe.data, onnx_path, items, store, context=ext.context,
-            progress=progress, log=log,
+            progress=progress, log=log, parent=parent,
         ).manifest  # fmt: skip

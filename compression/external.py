@@ -4,14 +4,16 @@ The teacher's graph (`compression.distill.external`'s contract: int64 history of
 in, scores over its own catalogue out) is wrapped so it speaks the project's contract: the
 input `item_ids` (data ids, left-padded) is cut to its last `context` items and mapped to the
 teacher's ids (items it does not know become padding); its scores are mapped back to data
-ids (`scores [batch, n_items + 1]`), items it does not know scoring -1e9: ranked below every
-item it knows. Then it is one more stored model: evaluated with the project's protocol, served,
-compared, and compressed by the same steps (INT8 dynamic / static / adaptive, FP16) as the
-project's own graphs.
+ids (`scores [batch, n_items + 1]`), items it does not know pushed down by 1e9: ranked below
+every item it knows. Unknown items inside a history become padding where they stand. Then it
+is one more stored model: evaluated with the project's protocol, served, compared, and
+compressed by the same steps (INT8 dynamic / static / adaptive, FP16) as the project's own
+graphs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,11 +23,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from compression.configs import DataSpec
-from compression.distill.external import load_external_teacher
+from compression.distill.external import TeacherContractError, load_external_teacher
 from compression.evaluate.metrics import eval_batch_size, evaluate_scorer
 from compression.evaluate.onnx_scoring import onnx_scorer
 from compression.export.exporter import INPUT_NAME, OUTPUT_NAME
-from compression.pipeline import dataset_info, load_from_spec, prefixed, signature
+from compression.pipeline import dataset_info, prefixed, signature, spec_split
 from model_store.manifest import Manifest
 from model_store.store import ModelStore
 
@@ -37,8 +39,14 @@ def wrap(model: onnx.ModelProto, columns: np.ndarray, context: int) -> onnx.Mode
     unknown or padding)."""
     g = model.graph
     initializers = {t.name for t in g.initializer}
-    (inner_in,) = [i.name for i in g.input if i.name not in initializers]
-    (inner_out,) = [o.name for o in g.output]
+    (old_in,) = [i.name for i in g.input if i.name not in initializers]
+    (old_out,) = [o.name for o in g.output]
+    # Its own names may be ours ("item_ids", "scores"): the wrapped graph renames them.
+    inner_in, inner_out = "teacher/history", "teacher/scores"
+    for node in g.node:
+        node.input[:] = [inner_in if n == old_in else inner_out if n == old_out else n
+                         for n in node.input]  # fmt: skip
+        node.output[:] = [inner_out if n == old_out else n for n in node.output]
     to_teacher = numpy_helper.from_array(columns.astype(np.int64), "recsys_to_teacher")
     bias = np.where(columns > 0, 0.0, UNKNOWN_SCORE).astype(np.float32)
     bias[0] = UNKNOWN_SCORE
@@ -78,8 +86,15 @@ def wrap(model: onnx.ModelProto, columns: np.ndarray, context: int) -> onnx.Mode
     g.output.append(
         helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", len(columns)])
     )
-    onnx.checker.check_model(model)
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise TeacherContractError(f"the wrapped teacher graph is not valid ONNX ({exc})") from None
     return model
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def import_external(
@@ -93,10 +108,7 @@ def import_external(
     log: Callable[[str], None] = print,
 ) -> Manifest:
     """Publish the wrapped teacher as `name`, evaluated on `data_spec`'s test users."""
-    from compression.data.sequences import leave_one_out
-
-    data = load_from_spec(data_spec)
-    split = leave_one_out(data)
+    data, split = spec_split(data_spec)
     teacher = load_external_teacher(teacher_onnx, teacher_items, data)
     log(f"{teacher_onnx.name}: {teacher.join.report()}")
     model = onnx.load(str(teacher_onnx))
@@ -113,7 +125,9 @@ def import_external(
             name, {"model.onnx": wrapped, "items.json": items}, kind="teacher", parent=None,
             architecture={"n_items": data.n_items, "max_len": context, "external": True},
             recipe={"external_teacher": {"file": teacher_onnx.name, "sha256": teacher.sha256,
-                                         "items_file": teacher_items.name, "context": context,
+                                         "items_file": teacher_items.name,
+                                         "items_sha256": _sha256(teacher_items),
+                                         "context": context,
                                          "unknown_items": len(teacher.join.unknown_to_teacher)},
                     "data": data_spec.model_dump()},
             dataset=dataset_info(data),

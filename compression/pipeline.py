@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 import time
@@ -57,10 +58,12 @@ def load_model_data(manifest: Manifest, path: str | None = None) -> SequenceData
     return data
 
 
-# The data sets a `recsys build` has loaded and split, by sha256: every step of one build
-# (teacher, students, variants, the report) reuses them instead of reading and splitting the
-# file again. None outside a build, where each command loads what it needs once.
-_SPLITS: ContextVar[dict[str, tuple[SequenceDataset, Split]] | None] = ContextVar(
+# The data sets a `recsys build` has loaded and split: every step of one build (teacher,
+# students, variants, the report) reuses them instead of reading and splitting the file
+# again. Keyed by the source file's sha256 and the sizes (two filterings of one file differ
+# in them), and by data spec for steps that start from one. None outside a build, where each
+# command loads what it needs once.
+_SPLITS: ContextVar[dict[object, tuple[SequenceDataset, Split]] | None] = ContextVar(
     "splits", default=None
 )
 
@@ -78,20 +81,40 @@ def shared_splits() -> Iterator[None]:
         _SPLITS.reset(token)
 
 
-def _remember(data: SequenceDataset, split: Split) -> None:
+def _data_key(sha256: str, users: int, items: int, interactions: int) -> object:
+    return (sha256, users, items, interactions)
+
+
+def _remember(data: SequenceDataset, split: Split, spec: DataSpec | None = None) -> None:
     cache = _SPLITS.get()
     if cache is not None:
-        cache[data.sha256] = (data, split)
+        key = _data_key(data.sha256, data.n_users, data.n_items, data.n_interactions)
+        cache[key] = (data, split)
+        if spec is not None:
+            cache[spec.model_dump_json()] = (data, split)
 
 
 def model_split(manifest: Manifest) -> tuple[SequenceDataset, Split]:
     """The data a stored model was trained on and its leave-one-out split."""
     cache = _SPLITS.get()
-    if cache is not None and manifest.dataset.sha256 in cache:
-        return cache[manifest.dataset.sha256]
+    d = manifest.dataset
+    key = _data_key(d.sha256, d.n_users, d.n_items, d.n_interactions)
+    if cache is not None and key in cache:
+        return cache[key]
     data = load_model_data(manifest)
     split = leave_one_out(data)
     _remember(data, split)
+    return data, split
+
+
+def spec_split(spec: DataSpec) -> tuple[SequenceDataset, Split]:
+    """The data a spec names and its leave-one-out split (once per build)."""
+    cache = _SPLITS.get()
+    if cache is not None and spec.model_dump_json() in cache:
+        return cache[spec.model_dump_json()]
+    data = load_from_spec(spec)
+    split = leave_one_out(data)
+    _remember(data, split, spec)
     return data, split
 
 
@@ -205,9 +228,7 @@ def train_teacher(
     """Load data, train, evaluate (valid, test, popularity) and publish atomically."""
     from compression.model.train import train
 
-    data = load_from_spec(recipe.data)
-    split = leave_one_out(data)
-    _remember(data, split)
+    data, split = spec_split(recipe.data)
     model_cfg = recipe.model_config_for(data.n_items)
     log(f"data {json.dumps(data.summary())}")
     started = time.perf_counter()
@@ -338,6 +359,7 @@ def distill_from_external(
     context: int = 200,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    parent: str | None = None,
 ) -> TrainReport:
     """Distil an ONNX teacher trained elsewhere (`compression.distill.external`) into the
     student of `recipe` on `data_spec`'s data. Its targets are cached on disk next to the
@@ -355,9 +377,7 @@ def distill_from_external(
 
     if recipe.distill is None:
         raise ValueError("an external teacher is for distillation; drop --labels-only")
-    data = load_from_spec(data_spec)
-    split = leave_one_out(data)
-    _remember(data, split)
+    data, split = spec_split(data_spec)
     teacher = load_external_teacher(teacher_onnx, teacher_items, data)
     log(f"teacher {teacher_onnx.name} (sha256 {teacher.sha256[:12]}…): {teacher.join.report()}")
     batch = eval_batch_size(data.n_items)
@@ -382,11 +402,12 @@ def distill_from_external(
         "file": teacher_onnx.name,
         "sha256": teacher.sha256,
         "items_file": teacher_items.name,
+        "items_sha256": hashlib.sha256(teacher_items.read_bytes()).hexdigest(),
         "context": context,
         "unknown_items": len(teacher.join.unknown_to_teacher),
     }
     return evaluate_and_publish(
-        store, recipe.name, result, data, split, kind="student", parent=None,
+        store, recipe.name, result, data, split, kind="student", parent=parent,
         recipe={**recipe.model_dump(), "teacher": "external", "external_teacher": external,
                 "data": data_spec.model_dump(), "schedule_events": loss.state.events},
         wall_s=time.perf_counter() - started,

@@ -119,8 +119,13 @@ def index_recall(
     assert scorer.index is not None and scorer.index_params is not None
     index = read_index(written.files[scorer.index], scorer.index_params, scorer.dim, split.n_items)
     histories = split.eval_inputs("test")[0][:RECALL_USERS]
-    vectors = score_all(users, histories, max_len)
-    exact = np.argpartition(-(vectors @ scored[1:].T), k, axis=1)[:, :k]
-    _, found = index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
-    hits = [len(set(a) & set(b)) for a, b in zip(exact.tolist(), found.tolist(), strict=True)]
+    vectors = np.ascontiguousarray(score_all(users, histories, max_len), dtype=np.float32)
+    _, found = index.search(vectors, k)
+    hits = []
+    step = eval_batch_size(split.n_items)  # a block of exact scores stays ~128 MB
+    for start in range(0, len(vectors), step):
+        block = vectors[start : start + step] @ scored[1:].T
+        exact = np.argpartition(-block, k, axis=1)[:, :k]
+        near = found[start : start + len(exact)].tolist()
+        hits += [len(set(a) & set(b)) for a, b in zip(exact.tolist(), near, strict=True)]
     return float(np.mean(hits)) / k

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from compression.data.sequences import Split
-from compression.evaluate.metrics import evaluate_scorer
+from compression.evaluate.metrics import eval_batch_size, evaluate_scorer
 from compression.export.compact import compact_file
 from compression.export.exporter import check_parity, export_onnx
 from compression.pipeline import PARITY_SEQUENCES, model_split, prefixed
@@ -101,11 +101,12 @@ def publish_onnx_variant(
         dst, items = Path(tmp) / "model.onnx", Path(tmp) / "items.json"
         details = transform(folder / "model.onnx", dst, split)
         compacted = compact_file(dst, max_len if max_len < parent_len else None)
-        test = evaluate_scorer(onnx_scorer(dst), split, "test", max_len)
+        batch = eval_batch_size(split.n_items)
+        test = evaluate_scorer(onnx_scorer(dst), split, "test", max_len, batch)
         tests = split.eval_inputs("test")[0][:PARITY_SEQUENCES]
         agreement = top_k_agreement(
-            score_all(onnx_scorer(folder / "model.onnx"), tests, parent_len),
-            score_all(onnx_scorer(dst), tests, max_len),
+            score_all(onnx_scorer(folder / "model.onnx"), tests, parent_len, batch),
+            score_all(onnx_scorer(dst), tests, max_len, batch),
         )
         parent_ndcg = parent.metrics.get("test_ndcg@10")
         metrics = {

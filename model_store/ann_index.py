@@ -20,7 +20,7 @@ from model_store.manifest import HnswParams, IvfParams
 INDEX_FILE = "item_index.faiss"
 
 
-class AnnIndexError(RuntimeError):
+class AnnIndexError(ValueError):
     """An index that cannot be built or read; the message names the file and the fix."""
 
 

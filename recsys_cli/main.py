@@ -526,7 +526,7 @@ def _build_and_report_once(
     typer.echo(f"built {len(built)} models in {store}: {', '.join(sorted(built))}")
     if recipe.compare is None:
         return None
-    teacher = built[recipe.teacher.name or f"{recipe.family}-teacher"]
+    teacher = built[recipe.teacher_name]
     cmp = recipe.compare
     report = compare_family(
         s, f"{teacher.name}@{teacher.version}", batch_sizes=cmp.batch_sizes,

@@ -65,7 +65,10 @@ def read_teacher_items(path: Path) -> list[str]:
                 f"{path}: a CSV teacher item file needs an 'item_id' column (found "
                 f"{list(rows[0]) if rows else 'no rows'})"
             )
-        ids = [r["item_id"].strip() for r in rows]
+        ids = [(r.get("item_id") or "").strip() for r in rows]
+        if not all(ids):
+            line = ids.index("") + 2
+            raise TeacherContractError(f"{path}: line {line} has no item_id; fill it or drop it")
     else:
         ids = [line.strip() for line in lines if line.strip()]
     if not ids:
@@ -112,8 +115,8 @@ class ExternalTeacher:
 
     def scores(self, histories: np.ndarray) -> np.ndarray:
         """`[batch, n_items + 1]` scores in data ids for left-padded data-id histories; items
-        the teacher does not know get -inf (it says nothing about them) and are dropped from
-        its inputs (0, padding)."""
+        the teacher does not know get -inf (it says nothing about them) and become padding
+        (0) where they stand in its inputs."""
         out = self._session.run([self._output], {self._input: self._to_teacher[histories]})[0]
         if out.shape[1] != self._n_teacher_items + 1:
             raise TeacherContractError(
@@ -172,6 +175,12 @@ def check_contract(model: object, path: Path, n_teacher_items: int) -> None:
         raise TeacherContractError(
             f"{path}: input {inp.name!r} has rank {len(inp.type.tensor_type.shape.dim)}; "
             "expected [batch, length]"
+        )
+    fixed = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+    if any(fixed):
+        raise TeacherContractError(
+            f"{path}: input {inp.name!r} has fixed sizes {fixed}; batch and length must be "
+            "dynamic (export with dynamic axes for both)"
         )
     if len(graph.output) != 1:
         names = [o.name for o in graph.output]

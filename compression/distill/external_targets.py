@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -53,6 +55,12 @@ def external_targets(
     batch_size: int = 256,
 ) -> TeacherTargets:
     """`TeacherTargets` for the last `width` positions of each pair (`DistillLoss` layout)."""
+    known = int((teacher.join.columns > 0).sum())
+    if top_k >= known:
+        raise ValueError(
+            f"[distill] top_k={top_k} but the teacher knows only {known} of the data's items: "
+            f"set top_k below {known}"
+        )
     settings = {"width": width, "top_k": top_k, "T": temperature, "context": context}
     folder = cache_dir / _key(teacher, inputs, targets, settings)
     if not all((folder / f"{name}.npy").is_file() for name in FIELDS):
@@ -111,8 +119,13 @@ def _compute(
         peak = known.max(axis=1, keepdims=True)
         out["lse"][rows] = peak[:, 0] + np.log(np.exp(known - peak).sum(axis=1))
         out["rank"][rows] = target_rank(scores, label)  # unknown to the teacher: last
-    tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     for name, array in {"offsets": offsets, **out}.items():
         np.save(tmp / f"{name}.npy", array, allow_pickle=False)
-    tmp.rename(folder)  # whole or absent: a crash never leaves half a cache
+    try:
+        tmp.rename(folder)  # whole or absent: a crash never leaves half a cache
+    except OSError:  # another run finished the same targets first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not folder.is_dir():
+            raise

@@ -251,6 +251,11 @@ class DistillLoss:
                 "a teacher given only as cached targets (an external teacher) needs "
                 "[distill] top_k: set it, e.g. top_k = 128"
             )
+        if negatives is not None and cfg.top_k is None:
+            raise ValueError(
+                "a sampled [train] loss distils from the teacher's cached top-K targets: set "
+                "[distill] top_k (e.g. 128) or use loss = 'full'"
+            )
         self.cfg = cfg
         self.teacher = teacher.eval() if teacher is not None else None
         if self.teacher is not None:
@@ -276,7 +281,8 @@ class DistillLoss:
         cfg = self.cfg
         if cfg.top_k is None:
             return
-        if self.teacher is not None and cfg.top_k >= self.teacher.cfg.n_items:
+        whole = self.teacher is not None and cfg.top_k >= self.teacher.cfg.n_items
+        if whole and self.negatives is None:
             return  # the whole catalogue: on the fly is as cheap
         self._pairs = (inputs, targets, width)
         self._build()
@@ -290,6 +296,7 @@ class DistillLoss:
         temperature: float,
     ) -> TeacherTargets:
         assert self.teacher is not None
+        top_k = min(top_k, self.teacher.cfg.n_items)
         return teacher_targets(self.teacher, inputs, targets, width, top_k, temperature)
 
     def _build(self) -> None:

@@ -6,7 +6,8 @@ teacher's K items, the label, and `N` negatives drawn uniformly per batch; the s
 exp(s / T) over the other items is estimated as (items / N) times the sum over the negatives
 that are neither among the K nor the label (masked). Everything else is `cached_terms`: the
 K + 1 categories ("rest" included), L2 on the K logits, cross-entropy against the label.
-With every item drawn once (N = items) the estimate is exact and so are the terms.
+With every item drawn exactly once (N = items, a permutation, as the test does) the estimate
+is exact and so are the terms; training draws with replacement, an unbiased estimate.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Training loop: full-softmax cross-entropy over all items at every position ("SASRec+").
+"""Training loop: the loss of `[train] loss` at every position (full-softmax cross-entropy,
+"SASRec+", by default; sampled losses for large catalogues: `compression.model.losses`).
 
 Speed choices measured on the 2-core CPU (../shared/DESIGN.md §8 and benchmarks/):
 batches of similar length padded to their own maximum; the positions x items logit matrix

@@ -135,3 +135,24 @@ def test_a_build_has_one_teacher(tmp_path: Path) -> None:
     recipe_file.write_text('family = "x"\n[teacher]\n[external_teacher]\nonnx = "a"\nitems = "b"\n')
     with pytest.raises(ValueError, match=r"\[teacher\] and \[external_teacher\] both set"):
         load_build_recipe(recipe_file)
+
+
+def test_a_graph_already_using_our_names_is_wrapped(tmp_path: Path) -> None:
+    """The project's own exports call their input item_ids and output scores."""
+    from compression.configs import ModelConfig
+    from compression.export.exporter import export_onnx
+    from compression.model.sasrec import SASRec
+
+    torch.manual_seed(0)
+    ours = tmp_path / "ours.onnx"
+    export_onnx(SASRec(ModelConfig(n_items=N_TEACHER, max_len=6, hidden=8)).eval(), ours)
+    items = tmp_path / "items.txt"
+    items.write_text("\n".join(f"B00{i:03d}" for i in range(N_TEACHER)) + "\n")
+    events = tmp_path / "events.csv"
+    events.write_text("user_id,item_id,ts\n" + "".join(
+        f"u{u},B00{(u + t) % N_TEACHER:03d},{t}\n" for u in range(20) for t in range(6)
+    ))  # fmt: skip
+    spec = DataSpec(path=str(events), user_col="user_id", item_col="item_id", time_col="ts")
+    store = ModelStore(tmp_path / "models")
+    m = import_external(store, ours, items, spec, "ours", context=6, log=lambda _: None)
+    assert m.recipe["external_teacher"]["unknown_items"] == 0

@@ -120,6 +120,11 @@ def items_file(tmp_path: Path) -> Path:
             [("scores", TensorProto.FLOAT, ["b", 13]), ("extra", TensorProto.FLOAT, ["b"])],
             "has 2 outputs ['scores', 'extra']",
         ),
+        (
+            [("history", TensorProto.INT64, [1, 200])],
+            [("scores", TensorProto.FLOAT, [1, 13])],
+            "input 'history' has fixed sizes [1, 200]",
+        ),
     ],
 )
 def test_contract_violations_are_one_line_naming_the_problem(
