@@ -32,7 +32,7 @@ def _key(
     teacher: ExternalTeacher,
     inputs: Sequence[np.ndarray],
     targets: Sequence[np.ndarray],
-    settings: dict[str, object],
+    settings: dict[str, int | float],
 ) -> str:
     digest = hashlib.sha256(teacher.sha256.encode())
     digest.update(teacher.join.columns.tobytes())
@@ -61,10 +61,12 @@ def external_targets(
             f"[distill] top_k={top_k} but the teacher knows only {known} of the data's items: "
             f"set top_k below {known}"
         )
-    settings = {"width": width, "top_k": top_k, "T": temperature, "context": context}
+    settings: dict[str, int | float] = {
+        "width": width, "top_k": top_k, "T": temperature, "context": context,
+    }  # fmt: skip
     folder = cache_dir / _key(teacher, inputs, targets, settings)
     if not all((folder / f"{name}.npy").is_file() for name in FIELDS):
-        _compute(teacher, inputs, targets, width, top_k, temperature, context, folder, batch_size)
+        _compute(teacher, inputs, targets, settings, folder, batch_size)
     arrays = {
         name: np.load(folder / f"{name}.npy", mmap_mode="c", allow_pickle=False) for name in FIELDS
     }
@@ -82,13 +84,12 @@ def _compute(
     teacher: ExternalTeacher,
     inputs: Sequence[np.ndarray],
     targets: Sequence[np.ndarray],
-    width: int,
-    top_k: int,
-    temperature: float,
-    context: int,
+    settings: dict[str, int | float],
     folder: Path,
     batch_size: int,
 ) -> None:
+    width, top_k, context = int(settings["width"]), int(settings["top_k"]), int(settings["context"])
+    temperature = float(settings["T"])
     seen = np.array([min(len(t), width) for t in targets])
     offsets = np.concatenate([[0], np.cumsum(seen)]).astype(np.int64)
     # Every position's prefix and label, in the flattened order of `offsets`.
