@@ -1,8 +1,10 @@
 """The headline table over seeds: mean ± sd of each row's test metrics, from the store.
 
-Each seed is a family: `<teacher>-s<seed>`, `<student>-s<seed>` distilled from it, and
-`<student>-s<seed>-int8` (item rows + dynamic INT8). Retention is per seed, against that
-seed's own teacher, then averaged. Rows whose models are missing are reported as missing.
+Each seed is a family: `<teacher>-s<seed>`, `<student>-s<seed>` distilled from it,
+`<student>-s<seed>-int8` (item rows + dynamic INT8), `<student>-s<seed>-int4` (4-bit weights,
+post-training) and `<student>-s<seed>-qat-int4` (4-bit after fake-quant fine-tuning).
+Retention and the share of the teacher's bytes are per seed, against that seed's own
+teacher, then averaged. Rows whose models are missing are reported as missing.
 
     python benchmarks/headline.py --store /path/to/models --seeds 0 1 2 \
         --teacher ml1m-teacher --student ml1m-student --out benchmarks/results/headline-ml1m
@@ -51,22 +53,26 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/headline-ml1m")
     args = parser.parse_args()
     store = ModelStore(Path(args.store))
-    rows = {"teacher": args.teacher, "student": args.student, "student INT8": None}
-    per_seed: dict[str, list[dict]] = {label: [] for label in rows}
+    students = {"student": "", "student INT8": "-int8", "student INT4": "-int4",
+                "student INT4 (QAT)": "-qat-int4"}  # fmt: skip
+    per_seed: dict[str, list[dict]] = {label: [] for label in ("teacher", *students)}
     for seed in args.seeds:
         teacher = _latest(store, f"{args.teacher}-s{seed}")
-        student = _latest(store, f"{args.student}-s{seed}")
-        int8 = _latest(store, f"{args.student}-s{seed}-int8")
-        for label, found in (("teacher", teacher), ("student", student), ("student INT8", int8)):
+        found_rows = [("teacher", teacher)] + [
+            (label, _latest(store, f"{args.student}-s{seed}{suffix}"))
+            for label, suffix in students.items()
+        ]
+        for label, found in found_rows:
             if found is None:
                 continue
             if teacher is not None and "test_ndcg@10" in found:
                 found["retention"] = found["test_ndcg@10"] / teacher["test_ndcg@10"]
+                found["bytes_share"] = found["onnx_bytes"] / teacher["onnx_bytes"]
             per_seed[label].append({"seed": seed, **found})
     summary = {
         label: {
             key: _mean_sd([r[key] for r in runs])
-            for key in (*METRICS, "retention")
+            for key in (*METRICS, "retention", "bytes_share")
             if runs and all(key in r for r in runs)
         }
         | {"models": [r["ref"] for r in runs], "params": runs[0]["params"] if runs else None,
@@ -79,13 +85,14 @@ def main() -> None:
         json.dumps({"per_seed": per_seed, "summary": summary}, indent=2)
     )
     lines = [
-        "| model | seeds | params | ONNX bytes | NDCG@10 | HR@10 | retention |",
+        "| model | seeds | params | ONNX bytes (of teacher) | NDCG@10 | HR@10 | retention |",
         "|---|---|---|---|---|---|---|",
     ]
     for label, s in summary.items():
         if not s["models"]:
             lines.append(f"| {label} | missing | | | | | |")
             continue
+        share = f" (1/{1 / s['bytes_share']['mean']:.1f})" if "bytes_share" in s else ""
 
         def cell(key: str, fmt: str = ".4f", s: dict = s) -> str:
             if key not in s:
@@ -94,7 +101,7 @@ def main() -> None:
             return f"{m['mean']:{fmt}} ± {m['sd']:{fmt}}"
 
         lines.append(
-            f"| {label} | {len(s['models'])} | {s['params']:,.0f} | {s['onnx_bytes']:,} "
+            f"| {label} | {len(s['models'])} | {s['params']:,.0f} | {s['onnx_bytes']:,}{share} "
             f"| {cell('test_ndcg@10')} | {cell('test_hr@10')} | {cell('retention', '.1%')} |"
         )
     (out / "headline.md").write_text("\n".join(lines) + "\n")

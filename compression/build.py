@@ -90,6 +90,17 @@ class QuantizeStep(_Strict):
     config: dict[str, Any] = Field(default_factory=dict)
 
 
+class Int4Step(_Strict):
+    source: str = Field(pattern=NAME_PATTERN, description="a model name of this build")
+    name: str | None = Field(None, pattern=NAME_PATTERN, description="default <source>-int4")
+    block_size: Literal[16, 32, 64, 128] | None = Field(
+        None, description="inputs per scale in the block MatMuls; None = one per output column"
+    )
+    qat_epochs: int = Field(
+        0, ge=0, description="fake-int4 fine-tune epochs first (PyTorch models); 0 = none"
+    )
+
+
 class PruneStep(_Strict):
     source: str = Field(pattern=NAME_PATTERN)
     name: str | None = Field(None, pattern=NAME_PATTERN)
@@ -120,6 +131,7 @@ class BuildRecipe(_Strict):
     external_teacher: ExternalTeacherStep | None = None
     students: list[StudentStep] = Field(default_factory=list)
     quantize: list[QuantizeStep] = Field(default_factory=list)
+    int4: list[Int4Step] = Field(default_factory=list)
     prune: list[PruneStep] = Field(default_factory=list)
     fp16: list[str] = Field(default_factory=list)
     context: list[ContextStep] = Field(default_factory=list)
@@ -407,11 +419,13 @@ def _variant_steps(
     reuse: Callable[[str, Callable[[Manifest], bool]], Manifest | None],
     log: Callable[[str], None],
 ) -> dict[str, Manifest]:
-    """The quantize, prune, FP16 and context steps, on models `built` so far."""
+    """The quantize, int4, prune, FP16 and context steps, on models `built` so far."""
     from compression.variants import (
         context_variant,
         fp16_variant,
+        int4_variant,
         prune_variant,
+        qat_variant,
         quantize_variant,
     )
 
@@ -425,6 +439,28 @@ def _variant_steps(
         built[name] = found or quantize_variant(
             store, parent, cfg, item_matrix=q.item_matrix, name=name, log=log
         )
+
+    for f_step in recipe.int4:
+        parent = source(f_step.source)
+        qat = f_step.qat_epochs
+        name = f_step.name or f"{f_step.source}-{'qat-' if qat else ''}int4"
+        want = {"block_size": f_step.block_size}
+        same = _same_weights(store, built[f_step.source])
+
+        def same_int4(
+            m: Manifest, p: str = parent, w: Any = want, n: int = qat, s: Any = same
+        ) -> bool:
+            if m.recipe.get("int4") != w:
+                return False
+            if not n:
+                return m.parent == p
+            tuned, _ = store.resolve(m.parent or "")  # the fake-quant fine-tune
+            return tuned.parent in s and tuned.recipe.get("qat", {}).get("epochs") == n
+
+        found = reuse(name, same_int4)
+        if found is None and qat:
+            found = qat_variant(store, parent, qat, f_step.block_size, name=name, log=log)
+        built[name] = found or int4_variant(store, parent, f_step.block_size, name=name, log=log)
 
     for p_step in recipe.prune:
         cfg = _prune_config(p_step)

@@ -19,6 +19,7 @@ from compression.evaluate.metrics import eval_batch_size, evaluate_scorer
 from compression.export.compact import compact_file
 from compression.export.exporter import check_parity, export_onnx
 from compression.pipeline import PARITY_SEQUENCES, model_split, prefixed
+from compression.quantize.int4 import DEFAULT_BLOCK_SIZE
 from model_store.manifest import Manifest
 from model_store.store import CHECKPOINT_FILE, ModelStore
 
@@ -196,6 +197,32 @@ def quantize_variant(
     )  # fmt: skip
 
 
+def int4_variant(
+    store: ModelStore,
+    parent_ref: str,
+    block_size: int | None = DEFAULT_BLOCK_SIZE,
+    name: str | None = None,
+    log: Callable[[str], None] = print,
+) -> Manifest:
+    """4-bit weights (`compression.quantize.int4`): int4 item rows and block MatMuls, one
+    scale per output column (`block_size=None`) or per block of `block_size` inputs."""
+    from compression.quantize.int4 import quantize_int4
+
+    def transform(src: Path, dst: Path, split: Split) -> dict[str, Any]:
+        report = quantize_int4(src, dst, block_size)
+        return {
+            "int4": {"block_size": block_size},
+            "int4_matmuls": report.matmuls,
+            "int4_tables": list(report.tables),
+        }
+
+    parent, _ = store.load(parent_ref)
+    return publish_onnx_variant(
+        store, parent_ref, name or f"{parent.name}-int4", transform,
+        kind="quantized", precision="int4", recipe={"variant": "int4"}, log=log,
+    )  # fmt: skip
+
+
 def fp16_variant(
     store: ModelStore, parent_ref: str, name: str | None = None, log: Callable[[str], None] = print
 ) -> Manifest:
@@ -268,6 +295,78 @@ def prune_variant(
         wall_s=time.perf_counter() - started, extra_metrics=extra,
     )  # fmt: skip
     return report.manifest
+
+
+# Quantization-aware fine-tuning: the fp32 model teaches its fake-quantized copy with the
+# headline student's loss (KL on the teacher's top 128 at T = 1, plus labels), at a quarter of
+# the training lr: the weights only have to settle on the int4 grid, not learn anew.
+QAT_DISTILL = {"strategy": "fixed", "alpha": 1.0, "temperature": 1.0, "beta": 1.0, "top_k": 128}
+QAT_LR_FACTOR = 0.25
+
+
+def qat_variant(
+    store: ModelStore,
+    parent_ref: str,
+    epochs: int,
+    block_size: int | None = DEFAULT_BLOCK_SIZE,
+    *,
+    name: str | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> Manifest:
+    """Quantization-aware fine-tuning of a stored PyTorch model for 4-bit weights, then its
+    int4 variant. The model is fine-tuned `epochs` epochs with fake int4 weights
+    (`compression.model.fake_quant`) by distillation from itself in fp32; the epoch with the
+    best validation NDCG@10 is kept, its weights are rounded to the int4 grid and published
+    as `<parent>-qat` (fp32 file, exactly representable in int4), and `int4_variant` stores it
+    in 4 bits as `name` (default `<parent>-qat-int4`)."""
+    import time
+
+    from compression.configs import DistillConfig, TrainConfig
+    from compression.distill.fine_tune import fine_tune
+    from compression.model.fake_quant import add_int4_fake_quant, bake_int4_fake_quant
+    from compression.model.train import load_checkpoint, stored_checkpoint
+    from compression.pipeline import evaluate_and_publish
+
+    if epochs < 1:
+        raise ValueError(f"qat epochs={epochs}: at least 1")
+    parent, folder = store.load(parent_ref)
+    checkpoint = stored_checkpoint(parent, folder, "fine-tune for int4")
+    data, split = model_split(parent)
+    teacher = load_checkpoint(checkpoint).eval()
+    student = load_checkpoint(checkpoint)
+    add_int4_fake_quant(student, block_size)
+    stored_train = parent.recipe.get("train") or {}
+    train_cfg = TrainConfig(
+        **{
+            **{k: v for k, v in stored_train.items() if k in TrainConfig.model_fields},
+            "max_epochs": epochs,
+            "patience": epochs,
+            "max_lr_decays": 0,
+            "time_limit_s": None,
+            "loss": "full",
+            "lr": float(stored_train.get("lr", TrainConfig().lr)) * QAT_LR_FACTOR,
+        }
+    )
+    started = time.perf_counter()
+    result = fine_tune(
+        student, teacher, split, train_cfg, DistillConfig(**QAT_DISTILL),
+        teacher_valid_ndcg=parent.metrics.get("valid_ndcg@10", 0.0), progress=progress, log=log,
+    )  # fmt: skip
+    bake_int4_fake_quant(result.model)
+    extra = {"parent_params": parent.metrics.get("params", 0.0)}
+    teacher_ndcg = parent.metrics.get("teacher_test_ndcg@10") or parent.metrics.get("test_ndcg@10")
+    if teacher_ndcg:
+        extra["teacher_test_ndcg@10"] = teacher_ndcg
+    qat = {"epochs": epochs, "block_size": block_size, "lr": train_cfg.lr, "distill": QAT_DISTILL}
+    tuned = evaluate_and_publish(
+        store, f"{parent.name}-qat", result, data, split, kind="qat",
+        parent=f"{parent.name}@{parent.version}",
+        recipe={"qat": qat, "train": train_cfg.model_dump(), "data": parent.recipe.get("data", {})},
+        wall_s=time.perf_counter() - started, extra_metrics=extra,
+    )  # fmt: skip
+    ref = f"{tuned.manifest.name}@{tuned.manifest.version}"
+    return int4_variant(store, ref, block_size, name=name or f"{parent.name}-qat-int4", log=log)
 
 
 def context_variant(

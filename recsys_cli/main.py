@@ -414,10 +414,26 @@ def two_stage(
     )
 
 
+def parse_block_size(value: str) -> int | None:
+    """`--block-size`: 'column' or one of MatMulNBits' block sizes; anything else exits 2."""
+    from compression.quantize.int4 import BLOCK_SIZES
+
+    if value == "column":
+        return None
+    if value.isdigit() and int(value) in BLOCK_SIZES:
+        return int(value)
+    sizes = "/".join(map(str, BLOCK_SIZES))
+    raise typer.BadParameter(
+        f"{value!r}: use 'column' or one of {sizes}", param_hint="--block-size"
+    )
+
+
 @app.command()
 def quantize(
     model: Annotated[str, typer.Argument(help="Stored model with a model.onnx: NAME@VERSION.")],
-    mode: Annotated[str, typer.Option(help="'dynamic', 'static' or 'fp16'.")] = "dynamic",
+    mode: Annotated[
+        str, typer.Option(help="'dynamic', 'static' (INT8), 'int4' (4-bit weights) or 'fp16'.")
+    ] = "dynamic",
     per_channel: Annotated[bool, typer.Option(help="One weight scale per column.")] = False,
     calibration: Annotated[
         str, typer.Option(help="Static: 'minmax', 'entropy' or 'percentile'.")
@@ -431,15 +447,33 @@ def quantize(
     item_matrix: Annotated[
         bool, typer.Option(help="Store the item matrix as int8 with one scale per row first.")
     ] = False,
+    block_size: Annotated[
+        str,
+        typer.Option(help="int4: 'column' (one scale per output column) or 16/32/64/128 inputs."),
+    ] = "column",
+    qat_epochs: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="int4: first fine-tune this many epochs with fake int4 weights (needs the "
+            "stored PyTorch checkpoint); 0 = post-training rounding only.",
+        ),
+    ] = 0,
     name: Annotated[str | None, typer.Option(help="Store name of the variant.")] = None,
     store: StoreOpt = Path(DEFAULT_STORE),
 ) -> None:
-    """Publish an INT8 (or FP16) variant of a stored model, evaluated like every model."""
-    from compression.variants import fp16_variant, quantize_variant
+    """Publish an INT8, 4-bit or FP16 variant of a stored model, evaluated like every model."""
+    from compression.variants import fp16_variant, int4_variant, qat_variant, quantize_variant
 
     s = _store(store)
+    if (block_size != "column" or qat_epochs) and mode != "int4":
+        raise UserError(f"--block-size and --qat-epochs apply to --mode int4, not {mode!r}")
     if mode == "fp16":
         m = fp16_variant(s, model, name=name)
+    elif mode == "int4" and qat_epochs:
+        m = qat_variant(s, model, qat_epochs, parse_block_size(block_size), name=name)
+    elif mode == "int4":
+        m = int4_variant(s, model, parse_block_size(block_size), name=name)
     else:
         fields: dict[str, Any] = {"mode": mode, "per_channel": per_channel,
                                   "adaptive": adaptive, "max_ndcg_loss": max_ndcg_loss}  # fmt: skip

@@ -27,8 +27,8 @@ Blocks are always scored by ablation: the calibration loss with the block skippe
 loss of the whole model (exact, and cheap: there are few blocks). Blocks go first; heads and
 neurons are then scored in the model that keeps only the surviving blocks.
 
-After structured pruning, `fine_tune` recovers quality by distillation with the unpruned model
-as teacher (`compression.distill.loss.DistillLoss` through `compression.model.train.train`).
+After structured pruning, `compression.distill.fine_tune` recovers quality by distillation with
+the unpruned model as teacher (`DistillLoss` through `compression.model.train.train`).
 
 `magnitude_prune` zeroes the smallest weights to a target sparsity. The tensors keep their
 dense shapes: dense runtimes (PyTorch, ONNX Runtime CPU, TensorRT without 2:4 structured
@@ -53,7 +53,7 @@ from compression.configs import DistillConfig, ModelConfig, TrainConfig, _Strict
 from compression.data.sequences import Split, pad_left
 from compression.model.losses import sasrec_loss
 from compression.model.sasrec import SASRec
-from compression.model.train import TrainResult, train, training_pairs
+from compression.model.train import TrainResult, training_pairs
 
 Batch = tuple[Tensor, Tensor]  # (inputs, next-item targets), both int64 [batch, length]
 Keep = StrictInt | StrictFloat
@@ -357,50 +357,6 @@ def structured_prune(
     return pruned, report
 
 
-# ---------------------------------------------------------------- fine-tune
-
-
-def fine_tune(
-    pruned: SASRec,
-    teacher: SASRec,
-    split: Split,
-    train_cfg: TrainConfig,
-    distill_cfg: DistillConfig,
-    epochs: int | None = None,
-    teacher_valid_ndcg: float | None = None,
-    progress: bool = False,
-    log: Callable[[str], None] = print,
-) -> TrainResult:
-    """Distil `teacher` (the unpruned model) into a copy of `pruned`; best validation epoch.
-
-    `epochs` overrides `train_cfg.max_epochs`. The `plateau` strategy needs the teacher's
-    validation NDCG@10: given, or measured here. Note that `train` keeps the best *trained*
-    epoch, so the result can score below the pruned model if fine-tuning only hurts.
-    """
-    from compression.distill.loss import DistillLoss
-    from compression.evaluate.metrics import evaluate_model
-
-    if epochs is not None:
-        train_cfg = TrainConfig(**{**train_cfg.model_dump(), "max_epochs": epochs})
-    if teacher_valid_ndcg is None:
-        teacher_valid_ndcg = 0.0
-        if distill_cfg.strategy == "plateau":
-            valid = evaluate_model(teacher, split, "valid")
-            teacher_valid_ndcg = valid["ndcg@10"]
-    loss = DistillLoss(distill_cfg, teacher, teacher_valid_ndcg)
-    return train(
-        pruned.cfg,
-        train_cfg,
-        split,
-        loss_fn=loss,
-        progress=progress,
-        log=log,
-        on_eval=loss.on_eval,
-        input_len=max(teacher.cfg.max_len, pruned.cfg.max_len),
-        init_model=pruned,
-    )
-
-
 # ---------------------------------------------------------------- magnitude pruning
 
 
@@ -554,6 +510,8 @@ def prune(
         current, structured = structured_prune(model, cfg, batches)
         log(structured.summary())
     if cfg.fine_tune_epochs:
+        from compression.distill.fine_tune import fine_tune
+
         if split is None:
             raise ValueError("fine_tune_epochs > 0 needs the training split")
         tuned = fine_tune(

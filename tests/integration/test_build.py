@@ -31,6 +31,12 @@ config = { mode = "dynamic" }
 [[prune]]
 source = "tiny-teacher"
 config = { heads_keep = 1, fine_tune_epochs = 1 }
+[[int4]]
+source = "tiny-student"
+[[int4]]
+source = "tiny-student"
+block_size = 16
+qat_epochs = 1
 """
 
 
@@ -74,12 +80,20 @@ def test_build_publishes_the_family_and_a_rerun_reuses_it(
 
     monkeypatch.setattr(store_module, "_verify", verify)
     built = run_build(recipe, store, progress=False, log=lambda _: None)
-    # Six models from one read and one split of the data set; each parent checked once.
+    # Eight models from one read and one split of the data set; each parent checked once.
     assert (len(loads), len(splits)) == (1, 1)
     assert checked and len(checked) == len(set(checked)), checked
     assert set(built) == {"tiny-teacher", "tiny-student", "tiny-student-int8-dynamic",
                           "tiny-teacher-pruned", "tiny-teacher-fp16",
-                          "tiny-student-int8-dynamic-ctx4"}  # fmt: skip
+                          "tiny-student-int8-dynamic-ctx4", "tiny-student-int4",
+                          "tiny-student-qat-int4"}  # fmt: skip
+    int4, qat = built["tiny-student-int4"], built["tiny-student-qat-int4"]
+    assert int4.parent == "tiny-student@1" and int4.artifacts["model.onnx"].precision == "int4"
+    assert int4.recipe["int4"] == {"block_size": None} and int4.recipe["int4_matmuls"] > 0
+    assert qat.parent == "tiny-student-qat@1" and qat.recipe["int4"] == {"block_size": 16}
+    tuned, _ = store.load("tiny-student-qat@1")
+    assert tuned.parent == "tiny-student@1" and tuned.recipe["qat"]["epochs"] == 1
+    assert qat.metrics["test_ndcg@10"] > 0.0 and qat.metrics["teacher_test_ndcg@10"] > 0
     ctx = built["tiny-student-int8-dynamic-ctx4"]
     assert ctx.architecture["max_len"] == 4 and ctx.artifacts["model.onnx"].precision == "int8"
     assert ctx.parent == "tiny-student-int8-dynamic@1" and ctx.recipe["context"] == 4
@@ -92,7 +106,7 @@ def test_build_publishes_the_family_and_a_rerun_reuses_it(
     again = run_build(recipe, store, progress=False, log=logs.append)
     assert {n: m.version for n, m in again.items()} == {n: m.version for n, m in built.items()}
     assert {name: store.versions(name) for name in store.names()} == versions
-    assert sum("reusing" in line for line in logs) == 6
+    assert sum("reusing" in line for line in logs) == 8
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from app.settings import Settings
 from compression.configs import DataSpec
 from compression.external import import_external
 from compression.quantize.int8 import QuantizeConfig
-from compression.variants import fp16_variant, quantize_variant
+from compression.variants import fp16_variant, int4_variant, quantize_variant
 from model_store.store import ModelStore
 from tests.integration.conftest import wait_ready
 from tests.unit.test_external_teacher import Bidirectional
@@ -86,6 +86,23 @@ def test_int8_and_fp16_of_the_imported_graph(imported) -> None:
     assert q.metrics["top10_agreement_vs_parent"] > 0.8
     half = fp16_variant(store, "ext@1", log=lambda _: None)
     assert half.metrics["top10_agreement_vs_parent"] > 0.95
+
+
+def test_int4_of_the_imported_graph_is_evaluated_and_served(imported) -> None:
+    """The int4 pass on a graph the project did not write: its MatMuls become MatMulNBits
+    (opset raised to 21 inside the wrapper), and the service loads and ranks with it."""
+    store, _ = imported
+    q = int4_variant(store, "ext@1", 16, log=lambda _: None)
+    assert q.parent == "ext@1" and q.artifacts["model.onnx"].precision == "int4"
+    assert q.recipe["int4_matmuls"] >= 1 and q.metrics["top10_agreement_vs_parent"] > 0.5
+    settings = Settings(store=str(store.root), variants={"ext4": f"{q.name}@{q.version}"})  # type: ignore[arg-type]
+    with TestClient(create_app(settings)) as client:
+        wait_ready(client)
+        answer = client.post(
+            "/v1/recommend", json={"user_id": "u", "history": ["B00003"], "k": 5}
+        ).json()
+    got = [i["item_id"] for i in answer["items"]]
+    assert len(got) == 5 and "B00003" not in got
 
 
 def test_a_build_recipe_with_an_external_teacher(imported, tmp_path: Path) -> None:

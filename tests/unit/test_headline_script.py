@@ -32,4 +32,5 @@ def test_headline_table_over_seeds(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert summary["student INT8"]["models"] == []
     table = (out / "headline.md").read_text()
     assert "| student | 2 |" in table and "95.0% ± 0.0%" in table
-    assert "| student INT8 | missing |" in table
+    assert "| student INT8 | missing |" in table and "| student INT4 (QAT) | missing |" in table
+    assert summary["teacher"]["bytes_share"]["mean"] == 1.0 and "(1/1.0)" in table

@@ -14,13 +14,13 @@ from pydantic import ValidationError
 from compression.configs import DistillConfig, ModelConfig, TrainConfig
 from compression.data.sequences import leave_one_out
 from compression.data.synthetic import SyntheticConfig, synthetic_dataset
+from compression.distill.fine_tune import fine_tune
 from compression.evaluate.metrics import evaluate_model
 from compression.export.exporter import check_parity, export_onnx
 from compression.model.prune import (
     PruneConfig,
     calibration_batches,
     csr_bytes,
-    fine_tune,
     keep_count,
     magnitude_prune,
     prune,
