@@ -67,7 +67,8 @@ def main() -> None:
                 continue
             if teacher is not None and "test_ndcg@10" in found:
                 found["retention"] = found["test_ndcg@10"] / teacher["test_ndcg@10"]
-                found["bytes_share"] = found["onnx_bytes"] / teacher["onnx_bytes"]
+                if found["onnx_bytes"] and teacher["onnx_bytes"]:
+                    found["bytes_share"] = found["onnx_bytes"] / teacher["onnx_bytes"]
             per_seed[label].append({"seed": seed, **found})
     summary = {
         label: {

@@ -50,6 +50,7 @@ from compression.configs import (
     TrainConfig,
     load_recipe,
     validation_message,
+    without_retired,
 )
 from model_store.manifest import Manifest
 from model_store.store import CHECKPOINT_FILE, ModelStore
@@ -291,8 +292,11 @@ def _without(d: dict[str, Any], *keys: str) -> dict[str, Any]:
 def _settings(schema: type[BaseModel], stored: dict[str, Any], *drop: str) -> dict[str, Any] | None:
     """A stored recipe read through today's schema, so that a manifest written before a
     setting existed still matches a recipe that leaves it at its default; None if invalid."""
+    current = without_retired(_without(stored, *drop))
+    if current is None:
+        return None
     try:
-        return schema(**_without(stored, *drop)).model_dump()
+        return schema(**current).model_dump()
     except (ValidationError, TypeError):
         return None
 
@@ -423,6 +427,7 @@ def _variant_steps(
     from compression.variants import (
         context_variant,
         fp16_variant,
+        int4_suffix,
         int4_variant,
         prune_variant,
         qat_variant,
@@ -443,7 +448,8 @@ def _variant_steps(
     for f_step in recipe.int4:
         parent = source(f_step.source)
         qat = f_step.qat_epochs
-        name = f_step.name or f"{f_step.source}-{'qat-' if qat else ''}int4"
+        suffix = int4_suffix(f_step.block_size)
+        name = f_step.name or f"{f_step.source}-{'qat-' if qat else ''}{suffix}"
         want = {"block_size": f_step.block_size}
         same = _same_weights(store, built[f_step.source])
 

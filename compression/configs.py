@@ -10,6 +10,25 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 
 
+# Distillation settings that became constants (compression.distill.loss.PLATEAU_STEP and
+# PLATEAU_FLOOR), with their values: a stored recipe holding them still reads as today's
+# where they had no effect (another strategy) or the constant's value.
+RETIRED_DISTILL_SETTINGS: dict[str, float] = {"alpha_step": 0.25, "min_teacher_weight": 0.25}
+
+
+def without_retired(recipe: Mapping[str, Any]) -> dict[str, Any] | None:
+    """`recipe` (a stored dump) without retired distillation settings; None when one of
+    them shaped the run (the plateau strategy at another value)."""
+    distill = recipe.get("distill")
+    if not isinstance(distill, Mapping):
+        return dict(recipe)
+    kept = dict(distill)
+    for key, value in RETIRED_DISTILL_SETTINGS.items():
+        if key in kept and kept.pop(key) != value and kept.get("strategy") == "plateau":
+            return None
+    return {**recipe, "distill": kept}
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -64,11 +83,23 @@ class ModelConfig(_Strict):
         description="width of one attention head; None = hidden // n_heads. Set by head "
         "pruning, where n_heads * head_dim (the attention's inner width) differs from hidden",
     )
+    bidirectional: bool = Field(
+        False,
+        description="BERT4Rec-style: every position attends to the whole history, trained "
+        "by cloze (masked items) and scored at a [mask] appended after the history",
+    )
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> ModelConfig:
         if self.head_dim is None and self.hidden % self.n_heads:
             raise ValueError(f"hidden={self.hidden} is not divisible by n_heads={self.n_heads}")
+        if self.bidirectional and self.successors:
+            raise ValueError(
+                "successors with bidirectional: successor lists score the items before a "
+                "position, which a bidirectional model does not predict from; drop one"
+            )
+        if self.bidirectional and self.max_len < 2:
+            raise ValueError("bidirectional needs max_len >= 2 (the history and its [mask])")
         return self
 
     @classmethod
@@ -126,6 +157,9 @@ class TrainConfig(_Strict):
         "corrected), or gSASRec's gBCE: a sampled loss's step cost ignores the catalogue",
     )
     negatives: int = Field(256, ge=1, description="items drawn per batch by a sampled loss")
+    mask_prob: float = Field(
+        0.2, gt=0.0, lt=1.0, description="bidirectional models: share of items masked (cloze)"
+    )
     seed: int = Field(0, description="seeds weights, batches and dropout")
     time_limit_s: float | None = Field(None, gt=0.0, description="stop after this wall time")
     threads: int | None = Field(None, ge=1, description="torch threads; None = all cores")
@@ -144,12 +178,6 @@ class DistillConfig(_Strict):
     )
     plateau_patience: int = Field(
         2, ge=1, description="plateau: stalled evaluations before weight moves to labels"
-    )
-    alpha_step: float = Field(
-        0.25, gt=0.0, le=1.0, description="plateau: teacher weight moved to labels per stall"
-    )
-    min_teacher_weight: float = Field(
-        0.0, ge=0.0, le=1.0, description="plateau: the teacher weight never drops below this"
     )
 
 

@@ -295,9 +295,12 @@ def distill_student(
     loss_fn, on_eval = None, None
     if recipe.distill is not None:
         teacher_ndcg = teacher_manifest.metrics.get("valid_ndcg@10", 0.0)
+        targets_of = None
+        if teacher.cfg.bidirectional:
+            targets_of = _bidirectional_targets(teacher_manifest, folder, data.n_items, store)
         distill_loss = DistillLoss(
-            recipe.distill, teacher, teacher_ndcg, negatives=_negatives(recipe),
-            seed=recipe.train.seed,
+            recipe.distill, None if targets_of else teacher, teacher_ndcg,
+            targets_of=targets_of, negatives=_negatives(recipe), seed=recipe.train.seed,
         )  # fmt: skip
         loss_fn, on_eval = distill_loss, distill_loss.on_eval
     init_model = warm_start(teacher, student_cfg, parent) if recipe.init == "teacher" else None
@@ -342,6 +345,30 @@ def distill_student(
         wall_s=wall_s,
         extra_metrics=extra,
     )
+
+
+def _bidirectional_targets(
+    manifest: Manifest, folder: Path, n_items: int, store: ModelStore
+) -> Callable[..., Any]:
+    """A bidirectional teacher's targets: it predicts at a [mask] appended after each prefix,
+    one pass per training position, so they are computed once from its ONNX graph and cached
+    on disk like an external teacher's (`compression.distill.external_targets`)."""
+    from functools import partial
+
+    from compression.distill.external import ExternalTeacher, IdJoin
+    from compression.distill.external_targets import external_targets
+
+    ref = f"{manifest.name}@{manifest.version}"
+    if "model.onnx" not in manifest.artifacts:
+        raise ValueError(
+            f"{ref}: a bidirectional teacher is distilled through its ONNX graph; run "
+            f"`recsys export {ref}` first"
+        )
+    same_ids = IdJoin(np.arange(n_items + 1, dtype=np.int64), [], 0)
+    teacher = ExternalTeacher(folder / "model.onnx", same_ids, n_items)
+    context = int(manifest.architecture["max_len"])
+    cache = store.root.parent / ".teacher-cache"
+    return partial(external_targets, teacher, context=context, cache_dir=cache)
 
 
 def _negatives(recipe: StudentRecipe) -> int | None:

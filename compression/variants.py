@@ -197,6 +197,11 @@ def quantize_variant(
     )  # fmt: skip
 
 
+def int4_suffix(block_size: int | None) -> str:
+    """`int4` (one scale per output column) or `int4-b<block_size>`."""
+    return "int4" if block_size is None else f"int4-b{block_size}"
+
+
 def int4_variant(
     store: ModelStore,
     parent_ref: str,
@@ -218,7 +223,7 @@ def int4_variant(
 
     parent, _ = store.load(parent_ref)
     return publish_onnx_variant(
-        store, parent_ref, name or f"{parent.name}-int4", transform,
+        store, parent_ref, name or f"{parent.name}-{int4_suffix(block_size)}", transform,
         kind="quantized", precision="int4", recipe={"variant": "int4"}, log=log,
     )  # fmt: skip
 
@@ -318,9 +323,11 @@ def qat_variant(
     int4 variant. The model is fine-tuned `epochs` epochs with fake int4 weights
     (`compression.model.fake_quant`) by distillation from itself in fp32; the epoch with the
     best validation NDCG@10 is kept, its weights are rounded to the int4 grid and published
-    as `<parent>-qat` (fp32 file, exactly representable in int4), and `int4_variant` stores it
-    in 4 bits as `name` (default `<parent>-qat-int4`)."""
+    as `<parent>-qat[-b<block>]` (fp32 file, exactly representable in int4), and `int4_variant`
+    stores it in 4 bits as `name` (default `<parent>-qat-int4[-b<block>]`)."""
     import time
+
+    import torch
 
     from compression.configs import DistillConfig, TrainConfig
     from compression.distill.fine_tune import fine_tune
@@ -346,6 +353,9 @@ def qat_variant(
             "time_limit_s": None,
             "loss": "full",
             "lr": float(stored_train.get("lr", TrainConfig().lr)) * QAT_LR_FACTOR,
+            # A few epochs: an average would mostly hold the weights from before the grid.
+            "ema_epochs": None,
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
         }
     )
     started = time.perf_counter()
@@ -359,14 +369,16 @@ def qat_variant(
     if teacher_ndcg:
         extra["teacher_test_ndcg@10"] = teacher_ndcg
     qat = {"epochs": epochs, "block_size": block_size, "lr": train_cfg.lr, "distill": QAT_DISTILL}
+    block = "" if block_size is None else f"-b{block_size}"
     tuned = evaluate_and_publish(
-        store, f"{parent.name}-qat", result, data, split, kind="qat",
+        store, f"{parent.name}-qat{block}", result, data, split, kind="qat",
         parent=f"{parent.name}@{parent.version}",
         recipe={"qat": qat, "train": train_cfg.model_dump(), "data": parent.recipe.get("data", {})},
         wall_s=time.perf_counter() - started, extra_metrics=extra,
     )  # fmt: skip
     ref = f"{tuned.manifest.name}@{tuned.manifest.version}"
-    return int4_variant(store, ref, block_size, name=name or f"{parent.name}-qat-int4", log=log)
+    name = name or f"{parent.name}-qat-{int4_suffix(block_size)}"
+    return int4_variant(store, ref, block_size, name=name, log=log)
 
 
 def context_variant(

@@ -21,8 +21,8 @@ Adaptive strategies (`DistillConfig.strategy`):
   rank 1000) and the weight it loses goes to the labels:
   u_i = beta + (1 - w_i). Where the teacher is wrong, the student learns from the data.
 - `plateau`: a schedule driven by the student's validation NDCG@10. When it has not improved
-  for `plateau_patience` evaluations, `alpha_step` of the teacher weight moves to the labels
-  (the teacher multiplier m drops by `alpha_step`, floored at `min_teacher_weight`, and
+  for `plateau_patience` evaluations, `PLATEAU_STEP` of the teacher weight moves to the labels
+  (the teacher multiplier m drops by `PLATEAU_STEP`, floored at `PLATEAU_FLOOR`, and
   u = beta + (1 - m)). When the student reaches `NEAR_TEACHER` (97%, the project's bar) of
   the teacher's validation NDCG@10, T is halved (`TEMPERATURE_DECAY`, floored at 1): sharper
   targets to close the last gap. Both rules act at most once per evaluation.
@@ -62,6 +62,10 @@ from compression.model.successors import add_entries
 # the teacher's validation NDCG@10: the project's own bar.
 NEAR_TEACHER = 0.97
 TEMPERATURE_DECAY = 0.5
+# The plateau strategy's step and floor: what its one measured run used (docs/distillation.md:
+# on par with `fixed`), constants since issue 26 needed their two settings.
+PLATEAU_STEP = 0.25
+PLATEAU_FLOOR = 0.25
 # Student positions per loss chunk: bounds the [chunk, items] logit memory of each term
 # (fewer for large catalogues: `chunk_rows_for`).
 CHUNK_ROWS = 1024
@@ -248,13 +252,19 @@ class DistillLoss:
     ) -> None:
         if teacher is None and (targets_of is None or cfg.top_k is None):
             raise ValueError(
-                "a teacher given only as cached targets (an external teacher) needs "
+                "a teacher given only as cached targets (an external or bidirectional "
+                "teacher) needs "
                 "[distill] top_k: set it, e.g. top_k = 128"
             )
         if negatives is not None and cfg.top_k is None:
             raise ValueError(
                 "a sampled [train] loss distils from the teacher's cached top-K targets: set "
                 "[distill] top_k (e.g. 128) or use loss = 'full'"
+            )
+        if teacher is not None and teacher.cfg.bidirectional:
+            raise ValueError(
+                "a bidirectional teacher predicts at an appended [mask], one pass per "
+                "position: give its targets as `targets_of` (`distill_student` does)"
             )
         self.cfg = cfg
         self.teacher = teacher.eval() if teacher is not None else None
@@ -363,6 +373,11 @@ class DistillLoss:
     ) -> Tensor:
         """`rows`: which training pairs (as given to `prepare`) the batch holds; with cached
         targets the teacher does not run at all."""
+        if student.cfg.bidirectional:
+            raise ValueError(
+                "a bidirectional student trains by cloze from labels; distil into a causal "
+                "student (bidirectional = false)"
+            )
         if self.targets is not None and rows is not None:
             return self._cached(student, inputs, targets, rows)
         if self.teacher is None:
@@ -462,10 +477,8 @@ class DistillLoss:
             state.best_ndcg, state.stalled = ndcg, 0
         else:
             state.stalled += 1
-        if state.stalled >= cfg.plateau_patience and state.teacher_weight > cfg.min_teacher_weight:
-            state.teacher_weight = max(
-                cfg.min_teacher_weight, state.teacher_weight - cfg.alpha_step
-            )
+        if state.stalled >= cfg.plateau_patience and state.teacher_weight > PLATEAU_FLOOR:
+            state.teacher_weight = max(PLATEAU_FLOOR, state.teacher_weight - PLATEAU_STEP)
             state.stalled = 0
             state.events.append(
                 f"epoch {epoch}: stalled, teacher weight -> {state.teacher_weight:.2f}"

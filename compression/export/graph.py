@@ -127,18 +127,28 @@ def build(
         )
     cfg = model.cfg
     g = _Graph({k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()})
-    window = [
-        g.const("window_start", [-cfg.max_len]),
-        g.const("end", [_END]),
-        g.const("axis_1", [1]),
-    ]
+    # A bidirectional model reads one item less: the next slot holds its [mask].
+    start = -(cfg.max_len - 1) if cfg.bidirectional else -cfg.max_len
+    window = [g.const("window_start", [start]), g.const("end", [_END]), g.const("axis_1", [1])]
     ids = g.one("Slice", [input_name, *window])
+    last_slot = [g.const("last_start", [-1]), g.const("end", [_END]), g.const("axis_1", [1])]
+    if cfg.bidirectional:
+        # A stand-in item (id 1) in the [mask] slot, counted and gathered like an item; its
+        # vector is replaced by the [mask] vector below. Shapes follow the input: no Shape ops.
+        last = g.one("Slice", [ids, *last_slot])
+        stand_in = g.one("Add", [g.one("Mul", [last, g.const("zero", 0)]), g.const("one", 1)])
+        ids = g.one("Concat", [ids, stand_in], axis=1)
     valid = g.one("Greater", [ids, g.const("zero", 0)])
     counts = g.one("CumSum", [g.one("Cast", [valid], to=TensorProto.INT64), g.const("axis", 1)])
 
     g.scope = "embed"
     items = g.weight("item_emb.weight", g.state["item_emb.weight"])
     x = g.one("Gather", [items, ids])
+    if cfg.bidirectional:
+        mask_vec = g.weight("mask_emb", g.state["mask_emb"].reshape(1, 1, -1))
+        head = g.one("Slice", [x, g.const("first", [0]), g.const("last_start", [-1]), window[2]])
+        zeroed = g.one("Mul", [g.one("Slice", [x, *last_slot]), g.const("zero_f", 0.0, np.float32)])
+        x = g.one("Concat", [head, g.one("Add", [zeroed, mask_vec])], axis=1)
     scale = math.sqrt(cfg.hidden)
     if model.in_proj is not None:  # the sqrt(hidden) scale folded into the projection
         x = g.one("MatMul", [x, g.weight("in_proj.weight_t", g.state["in_proj.weight"].T * scale)])
@@ -150,13 +160,13 @@ def build(
     n_blocks = len(model.blocks)
     # Key j is visible to query i when it is an item and not later: compare item counts,
     # padding keys pushed out of reach (also right for zeros inside a history).
-    causal = ""
-    if n_blocks > 1:
+    last_keys = g.mask(valid, [1, 2])  # [batch, 1, 1, L]: the last query sees every item
+    causal = last_keys if cfg.bidirectional else ""  # bidirectional: every query, every item
+    if n_blocks > 1 and not cfg.bidirectional:
         key_counts = g.one("Where", [valid, counts, g.const("far", _FAR)])
         k_row = g.one("Unsqueeze", [key_counts, g.const("axes_1", [1])])
         q_col = g.one("Unsqueeze", [counts, g.const("axes_2", [2])])
         causal = g.mask(g.one("LessOrEqual", [k_row, q_col]), [1])  # [batch, 1, L, L]
-    last_keys = g.mask(valid, [1, 2])  # [batch, 1, 1, L]: the last query sees every item
     for b in range(n_blocks):
         last = b == n_blocks - 1
         x = _block(g, model, b, x, last_keys if last else causal, last)

@@ -24,11 +24,11 @@ from torch.nn.utils import parametrize
 
 from compression.quantize.int4 import INT4_QMAX, MIN_TABLE_ELEMENTS
 
-_TINY = float(torch.finfo(torch.float16).smallest_normal)
+_TINY = float(torch.finfo(torch.float16).smallest_normal) * 2.0**-10  # smallest subnormal
 
 
 def _half(scale: Tensor) -> Tensor:
-    """Scale rounded to float16 (as stored), never 0 for a row that is not all zero."""
+    """Scale rounded to float16, as stored."""
     return scale.to(torch.float16).to(scale.dtype)
 
 
@@ -36,9 +36,12 @@ class RowInt4(nn.Module):
     """Tables: one scale per row, values in [-7, 7] (`quantize_rows_int4`)."""
 
     def forward(self, weight: Tensor) -> Tensor:
+        # `quantize_rows_int4`'s rule: the smallest float16 where a nonzero row's scale
+        # rounds to 0, 1 for an all-zero row.
         absmax = weight.detach().abs().amax(dim=1, keepdim=True)
         scale = _half(absmax / INT4_QMAX)
-        scale = torch.where(absmax == 0, torch.ones_like(scale), scale.clamp_min(_TINY))
+        scale = torch.where((absmax > 0) & (scale == 0), torch.full_like(scale, _TINY), scale)
+        scale = torch.where(absmax == 0, torch.ones_like(scale), scale)
         q = torch.clamp(torch.round(weight / scale), -INT4_QMAX, INT4_QMAX)
         return weight + (q * scale - weight).detach()
 

@@ -17,6 +17,13 @@ step grows with the number of negatives instead of the catalogue.
   it undoes the overconfidence that negative sampling gives plain BCE.
 
 Successor-list scores (`model.successors`) are added to whichever logits a loss computes.
+
+- `cloze_loss` (bidirectional models, BERT4Rec, Sun et al. CIKM 2019): each item of a
+  training window is replaced by [mask] with probability `mask_prob`, or (`LAST_ONLY_SHARE`
+  of the windows, and those that drew none) only its last item, the task served at
+  inference; the full softmax predicts the original items at the masked positions. It learns
+  from a few positions per window where next-item training uses all: on 2,000 synthetic users
+  (15 epochs) 0.46-0.47 NDCG@10 against the causal model's 0.68, still rising.
 """
 
 from __future__ import annotations
@@ -177,6 +184,34 @@ def gbce(pos: Tensor, neg: Tensor, targets: Tensor, negatives: Tensor, beta: flo
     hit = drawn == targets[:, None]
     negative_part = torch.where(hit, 0.0, F.softplus(neg)).sum(dim=1)  # -log(1 - sigmoid(s-))
     return (beta * F.softplus(-pos) + negative_part).mean()  # -beta log sigmoid(s+)
+
+
+# Share of windows that mask only their last item (on 300 synthetic users, 0 / 0.2 / 0.5 gave
+# NDCG@10 0.240 / 0.244 / 0.255 after 20 epochs: within noise; kept as the paper does it).
+LAST_ONLY_SHARE = 0.2
+
+
+def cloze_loss(mask_prob: float, seed: int = 0) -> LossFn:
+    """`loss(model, inputs, targets, rows=None)` for a bidirectional model (module docstring).
+    The window is the pair's input followed by its last target."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def loss(model: SASRec, inputs: Tensor, targets: Tensor, rows: object = None) -> Tensor:
+        seq = torch.cat([inputs[:, :1], targets], dim=1)[:, -model.cfg.max_len :]
+        valid = seq > 0
+        masked = (torch.rand(seq.shape, generator=generator) < mask_prob).to(seq.device) & valid
+        # Some windows mask only their last item: the task served at inference, where the
+        # [mask] has no item after it (BERT4Rec adds such samples for the same reason).
+        last_only = (torch.rand(len(seq), generator=generator) < LAST_ONLY_SHARE).to(seq.device)
+        last_only |= ~masked.any(dim=1)
+        masked[last_only] = False
+        masked[last_only, -1] = valid[last_only, -1]
+        hidden = model.encode(torch.where(masked, model.mask_id, seq))
+        query = model.query(hidden[masked])
+        return full_softmax_ce(query, model.output_weight[1:], seq[masked] - 1)
+
+    loss.sparse_embeddings = False  # type: ignore[attr-defined]
+    return loss
 
 
 def sasrec_loss(

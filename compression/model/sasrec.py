@@ -113,7 +113,12 @@ class SASRec(nn.Module):
             if cfg.successors
             else None
         )
+        # BERT4Rec's [mask]: its own input vector, outside the item matrix, so the scores and
+        # every item-matrix tool stay `n_items + 1` wide.
+        self.mask_emb = nn.Parameter(torch.zeros(emb)) if cfg.bidirectional else None
         self.apply(self._init)
+        if self.mask_emb is not None:
+            nn.init.normal_(self.mask_emb, std=0.02)
         # Variance-preserving projections: with the generic std 0.02 on top of 0.02 item
         # vectors, the item signal entered ~50x weaker than the positions and ML-1M
         # students with emb_dim 16 stayed at popularity level for epochs.
@@ -141,6 +146,19 @@ class SASRec(nn.Module):
         """Map hidden states to the space of `output_weight` (identity unless factorized)."""
         return hidden if self.out_proj is None else self.out_proj(hidden)
 
+    @property
+    def mask_id(self) -> int:
+        """The id of [mask] in a bidirectional model's inputs: one past the catalogue."""
+        return self.cfg.n_items + 1
+
+    def with_mask(self, seq: Tensor) -> Tensor:
+        """What the model reads to predict the next item: the last `max_len` items, or for a
+        bidirectional model the last `max_len - 1` and a [mask] in the next slot."""
+        if not self.cfg.bidirectional:
+            return seq[:, -self.cfg.max_len :]
+        mask = torch.full((seq.shape[0], 1), self.mask_id, dtype=seq.dtype, device=seq.device)
+        return torch.cat([seq[:, -(self.cfg.max_len - 1) :], mask], dim=1)
+
     def _embed(self, seq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Input embeddings, validity mask `[batch, length]` and attention mask."""
         seq = seq[:, -self.cfg.max_len :]
@@ -148,7 +166,12 @@ class SASRec(nn.Module):
         valid = seq > 0
         # int64 before CumSum: ONNX has no bool CumSum.
         positions = (valid.to(torch.int64).cumsum(dim=1) - 1).clamp(min=0)
-        x = self.item_emb(seq)
+        if self.mask_emb is None:
+            x = self.item_emb(seq)
+        else:
+            masked = (seq == self.mask_id).unsqueeze(-1)
+            x = self.item_emb(seq.clamp(max=self.cfg.n_items))
+            x = torch.where(masked, self.mask_emb.to(x.dtype), x)
         if self.in_proj is not None:
             x = self.in_proj(x)
         x = x * math.sqrt(self.cfg.hidden) + self.pos_emb(positions)
@@ -157,9 +180,11 @@ class SASRec(nn.Module):
         # still have one key (their outputs are discarded) instead of producing NaN.
         # Built from index comparisons: ONNX Runtime has no bool Trilu/EyeLike kernels.
         idx = torch.arange(length, device=seq.device)
-        causal = idx.unsqueeze(1) >= idx.unsqueeze(0)
         diag = idx.unsqueeze(1) == idx.unsqueeze(0)
-        attn_mask = ((causal & valid.unsqueeze(1)) | diag).unsqueeze(1)
+        keys = valid.unsqueeze(1)
+        if not self.cfg.bidirectional:  # a bidirectional model sees every item
+            keys = keys & (idx.unsqueeze(1) >= idx.unsqueeze(0))
+        attn_mask = (keys | diag).unsqueeze(1)
         return x, valid, attn_mask
 
     def encode(self, seq: Tensor) -> Tensor:
@@ -176,7 +201,7 @@ class SASRec(nn.Module):
         Computes only what inference needs: the last block runs attention and FFN for the
         last position alone (the other positions only serve as its keys and values).
         """
-        x, valid, attn_mask = self._embed(seq)
+        x, valid, attn_mask = self._embed(self.with_mask(seq))
         for block in self.blocks[:-1]:
             x = torch.where(valid.unsqueeze(-1), block(x, attn_mask), 0.0)
         last = self.blocks[-1](x, attn_mask, last_only=True)[:, 0]

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from compression.configs import ModelConfig, TrainConfig
 from compression.data.sequences import Split, pad_left
 from compression.evaluate.metrics import evaluate_model
-from compression.model.losses import LossFn, sasrec_loss
+from compression.model.losses import LossFn, cloze_loss, sasrec_loss
 from compression.model.sasrec import SASRec
 from model_store.checkpoint import stored_names
 from model_store.store import CHECKPOINT_FILE, LEGACY_CHECKPOINTS
@@ -176,6 +176,13 @@ def train(
     if model.successors is not None and not bool(model.successors.succ.any()):
         model.successors.fit(split.train)
     model = model.to(device)
+    if loss_fn is None and model_cfg.bidirectional:
+        if train_cfg.loss != "full":
+            raise ValueError(
+                f"loss={train_cfg.loss!r} with a bidirectional model: it trains by cloze "
+                "over the full softmax; set loss = 'full'"
+            )
+        loss_fn = cloze_loss(train_cfg.mask_prob, train_cfg.seed)
     if loss_fn is None:
         loss_fn = sasrec_loss(
             train_cfg.loss, model_cfg.n_items, train_cfg.negatives, split.item_counts(),

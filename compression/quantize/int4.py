@@ -18,8 +18,8 @@
   fit int16 are stored as int16 and cast back after the Gather.
 
 The graph is raised to opset 21 first (int4 tensors need it) with ONNX's version converter.
-Block sizes (per column, 16-128) were measured on the ML-1M students
-(docs/results/2026-12-06-int4-ml1m.md); the default is the measured choice.
+Block sizes (per column, 16-128) are compared on the ML-1M students by
+`benchmarks/int4_check.py`; per column writes the fewest bytes.
 """
 
 from __future__ import annotations
@@ -71,10 +71,15 @@ def quantize_rows_int4(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     matrix = np.asarray(matrix, dtype=np.float32)
     if matrix.ndim != 2:
-        raise ValueError(f"int4 rows need a 2-D matrix, got shape {matrix.shape}")
+        raise QuantizeError(f"int4 rows need a 2-D matrix, got shape {matrix.shape}")
     absmax = np.abs(matrix).max(axis=1)
     if not np.isfinite(absmax).all():
         raise QuantizeError("the matrix holds NaN or infinite values")
+    if (absmax / INT4_QMAX > np.finfo(np.float16).max).any():
+        raise QuantizeError(
+            f"a row's largest value {absmax.max():.3g} needs a scale beyond float16; "
+            "keep this table in float (int8 rows)"
+        )
     scale = (absmax / INT4_QMAX).astype(np.float16)
     tiny = np.finfo(np.float16).smallest_subnormal
     scale[(absmax > 0) & (scale == 0)] = tiny  # rows too small for float16 keep their sign
@@ -85,6 +90,15 @@ def quantize_rows_int4(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def dequantize_rows_int4(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return q.astype(np.float32) * scale.astype(np.float32)[:, None]
+
+
+def _replace_initializer(graph: onnx.GraphProto, init: onnx.TensorProto) -> None:
+    """Drop `init` (a node will write its name); older exports also list initializers as
+    graph inputs, which would then be defined twice."""
+    graph.initializer.remove(init)
+    listed = [i for i in graph.input if i.name == init.name]
+    for entry in listed:
+        graph.input.remove(entry)
 
 
 def _readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
@@ -136,18 +150,29 @@ def _matmul_nbits(model: onnx.ModelProto, block_size: int | None) -> tuple[onnx.
         return sum(n.op_type in ("MatMulNBits", "DequantizeLinear") for n in m.graph.node)
 
     before = rewritten(model)
-    # It logs a line per node at INFO.
-    logging.getLogger(MatMulNBitsQuantizer.__module__).setLevel(logging.WARNING)
-    quantizer = MatMulNBitsQuantizer(
-        model,
-        bits=4,
-        block_size=block_size or BLOCK_SIZES[0],
-        is_symmetric=True,
-        quant_format=QuantFormat.QDQ if block_size is None else QuantFormat.QOperator,
-        op_types_to_quantize=("MatMul",),
-        channel_wised_quantize=block_size is None,
-    )
-    quantizer.process()
+    logger = logging.getLogger(MatMulNBitsQuantizer.__module__)
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # it logs a line per node at INFO
+    try:
+        quantizer = MatMulNBitsQuantizer(
+            model,
+            bits=4,
+            block_size=block_size or BLOCK_SIZES[0],
+            is_symmetric=True,
+            quant_format=QuantFormat.QDQ if block_size is None else QuantFormat.QOperator,
+            op_types_to_quantize=("MatMul",),
+            channel_wised_quantize=block_size is None,
+        )
+        quantizer.process()
+    except Exception as exc:  # an older onnxruntime, or a graph its quantizer cannot read
+        import onnxruntime
+
+        raise QuantizeError(
+            f"ONNX Runtime {onnxruntime.__version__}'s MatMulNBits quantizer failed ({exc}); "
+            "the project is tested with the version in requirements-dev.txt"
+        ) from None
+    finally:
+        logger.setLevel(level)
     out = quantizer.model.model
     return out, rewritten(out) - before
 
@@ -168,7 +193,7 @@ def _int4_tables(model: onnx.ModelProto) -> list[str]:
             continue
         q, scale = quantize_rows_int4(numpy_helper.to_array(init))
         q_name, s_name, s32 = f"{init.name}.int4_rows", f"{init.name}.row_scale", f"{init.name}.s32"
-        graph.initializer.remove(init)
+        _replace_initializer(graph, init)
         # ml_dtypes (an onnx dependency) packs two values per byte into raw_data.
         graph.initializer.append(numpy_helper.from_array(q.astype(ml_dtypes.int4), q_name))
         graph.initializer.append(numpy_helper.from_array(scale, s_name))
@@ -187,19 +212,23 @@ def _int4_tables(model: onnx.ModelProto) -> list[str]:
 
 
 def _half_floats(model: onnx.ModelProto) -> int:
-    """float32 initializers of at least MIN_HALF_ELEMENTS values that float16 holds (finite,
-    in range) become float16 + a Cast that writes the old name."""
+    """float32 initializers of at least MIN_HALF_ELEMENTS values (and every int4 scale) that
+    float16 holds (finite, in range) become float16 + a Cast that writes the old name."""
     graph = model.graph
     casts: list[onnx.NodeProto] = []
     limit = float(np.finfo(np.float16).max)
+    # Every int4 scale, however few: the fake quant of fine-tuning rounds them all.
+    scales = {n.input[1] for n in graph.node if n.op_type == "DequantizeLinear"}
+    scales |= {n.input[2] for n in graph.node if n.op_type == "MatMulNBits"}  # A, B, scales
     for init in list(graph.initializer):
-        if init.data_type != TensorProto.FLOAT or int(np.prod(init.dims)) < MIN_HALF_ELEMENTS:
+        few = int(np.prod(init.dims)) < MIN_HALF_ELEMENTS and init.name not in scales
+        if init.data_type != TensorProto.FLOAT or few:
             continue
         values = numpy_helper.to_array(init)
         if not np.isfinite(values).all() or np.abs(values).max() > limit:
             continue
         half = f"{init.name}.fp16"
-        graph.initializer.remove(init)
+        _replace_initializer(graph, init)
         graph.initializer.append(numpy_helper.from_array(values.astype(np.float16), half))
         casts.append(
             helper.make_node("Cast", [half], [init.name], to=TensorProto.FLOAT, name=f"{half}_cast")
@@ -239,14 +268,14 @@ def _narrow_id_tables(model: onnx.ModelProto) -> list[str]:
         if values.size < MIN_TABLE_ELEMENTS or values.min() < info.min or values.max() > info.max:
             continue
         narrow = f"{init.name}.int16"
-        graph.initializer.remove(init)
+        _replace_initializer(graph, init)
         graph.initializer.append(numpy_helper.from_array(values.astype(np.int16), narrow))
-        for node in users:
+        for k, node in enumerate(users):
             node.input[0] = narrow
             wide, out = f"{node.output[0]}.int16", node.output[0]
             node.output[0] = wide
             cast = helper.make_node(
-                "Cast", [wide], [out], to=init.data_type, name=f"{node.name or narrow}_widen"
+                "Cast", [wide], [out], to=init.data_type, name=f"{narrow}_widen{k}"
             )
             graph.node.insert(list(graph.node).index(node) + 1, cast)
         done.append(init.name)
@@ -278,7 +307,6 @@ def quantize_int4(
             f"{src}: no float MatMul weight and no float item table found; was it already "
             "quantized?"
         )
-    prune_initializers(model.graph)
     with atomic_output(dst, n_scores) as tmp:
         save_model(model, tmp)
     return Int4Report(

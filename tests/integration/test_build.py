@@ -86,12 +86,12 @@ def test_build_publishes_the_family_and_a_rerun_reuses_it(
     assert set(built) == {"tiny-teacher", "tiny-student", "tiny-student-int8-dynamic",
                           "tiny-teacher-pruned", "tiny-teacher-fp16",
                           "tiny-student-int8-dynamic-ctx4", "tiny-student-int4",
-                          "tiny-student-qat-int4"}  # fmt: skip
-    int4, qat = built["tiny-student-int4"], built["tiny-student-qat-int4"]
+                          "tiny-student-qat-int4-b16"}  # fmt: skip
+    int4, qat = built["tiny-student-int4"], built["tiny-student-qat-int4-b16"]
     assert int4.parent == "tiny-student@1" and int4.artifacts["model.onnx"].precision == "int4"
     assert int4.recipe["int4"] == {"block_size": None} and int4.recipe["int4_matmuls"] > 0
-    assert qat.parent == "tiny-student-qat@1" and qat.recipe["int4"] == {"block_size": 16}
-    tuned, _ = store.load("tiny-student-qat@1")
+    assert qat.parent == "tiny-student-qat-b16@1" and qat.recipe["int4"] == {"block_size": 16}
+    tuned, _ = store.load("tiny-student-qat-b16@1")
     assert tuned.parent == "tiny-student@1" and tuned.recipe["qat"]["epochs"] == 1
     assert qat.metrics["test_ndcg@10"] > 0.0 and qat.metrics["teacher_test_ndcg@10"] > 0
     ctx = built["tiny-student-int8-dynamic-ctx4"]
@@ -107,6 +107,11 @@ def test_build_publishes_the_family_and_a_rerun_reuses_it(
     assert {n: m.version for n, m in again.items()} == {n: m.version for n, m in built.items()}
     assert {name: store.versions(name) for name in store.names()} == versions
     assert sum("reusing" in line for line in logs) == 8
+    # Another fine-tune length is another model: trained again, not reused.
+    path.write_text(RECIPE.replace("qat_epochs = 1", "qat_epochs = 2"))
+    third = run_build(load_build_recipe(path), store, progress=False, log=lambda _: None)
+    assert third["tiny-student-qat-int4-b16"].version == 2
+    assert third["tiny-student-int4"].version == 1
 
 
 @pytest.mark.parametrize(

@@ -40,6 +40,9 @@ def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *ar
         (["serve", "--variant", "a=m@1", "--weight", "a=x"], "'x' is not a valid value"),
         (["serve", "--variant", "a=m@1", "--max-wait-s", "-1"], "settings.batch.max_wait_s"),
         (["export", "nothing@1"], "does not exist; point --store"),
+        (["quantize", "m@1", "--mode", "int4", "--block-size", "24"], "'column' or one of 16/32"),
+        (["quantize", "m@1", "--block-size", "16"], "apply to --mode int4, not 'dynamic'"),
+        (["quantize", "m@1", "--mode", "int4", "--qat-epochs", "-1"], "--qat-epochs"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(monkeypatch, capsys, tmp_path, args, expected) -> None:

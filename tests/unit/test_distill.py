@@ -122,7 +122,6 @@ def test_plateau_schedule_moves_weight_to_labels_then_sharpens() -> None:
         DistillConfig(
             strategy="plateau",
             plateau_patience=2,
-            alpha_step=0.25,
             temperature=4.0,
         )
     )

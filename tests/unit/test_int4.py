@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 import onnx
 import pytest
@@ -20,6 +19,8 @@ from compression.export.files import QuantizeError
 from compression.model.fake_quant import add_int4_fake_quant, bake_int4_fake_quant
 from compression.model.sasrec import SASRec
 from compression.quantize.int4 import (
+    _half_floats,
+    _matmul_nbits,
     dequantize_rows_int4,
     quantize_int4,
     quantize_rows_int4,
@@ -147,6 +148,16 @@ def test_fake_quant_weights_are_stored_exactly_by_the_int4_pass(
     assert top10_agreement(scores(int4, batch), scores(fp32, batch)) >= 0.99
 
 
+def test_tiny_and_zero_rows_get_the_int4_pass_scales() -> None:
+    table = torch.nn.Embedding(1100, 8)
+    with torch.no_grad():
+        table.weight[0] = 0.0
+        table.weight[1] = 1e-7 * torch.arange(8)  # below float16's normal range
+    expected = dequantize_rows_int4(*quantize_rows_int4(table.weight.detach().numpy()))
+    add_int4_fake_quant(table)
+    np.testing.assert_array_equal(table.weight.detach().numpy(), expected)
+
+
 def test_fake_quant_passes_gradients_straight_through() -> None:
     layer = torch.nn.Linear(8, 3)
     add_int4_fake_quant(layer, None)
@@ -155,14 +166,32 @@ def test_fake_quant_passes_gradients_straight_through() -> None:
     assert grad is not None and torch.allclose(grad, torch.full((3, 8), 2.0))
 
 
-def test_column_fake_quant_matches_onnxruntime_int4(tmp_path: Path) -> None:
-    """The extreme value of a column maps to -8, as ONNX Runtime's quantizer writes it."""
-    w = torch.tensor([[1.0, 0.5, -0.25, 0.1] * 8, [-2.0, 1.0, 0.3, 0.2] * 8])  # [out 2, in 32]
-    layer = torch.nn.Linear(32, 2, bias=False)
-    layer.weight.data.copy_(w)
-    add_int4_fake_quant(layer, None)
-    got = layer.weight.detach()
-    assert torch.allclose(got[0, :4], torch.tensor([1.0, 0.5, -0.25, 0.125]))
-    assert torch.allclose(got[1, :4], torch.tensor([-2.0, 1.0, 0.25, 0.25]))
-    q = ml_dtypes.int4  # the dtype the int4 pass stores
-    assert numpy_helper.from_array(np.zeros(2, dtype=q)).data_type == TensorProto.INT4
+@pytest.mark.parametrize("block_size", [None, 16])
+def test_column_fake_quant_is_onnxruntimes_int4_grid(block_size: int | None) -> None:
+    """The Linear fake quant and ONNX Runtime's quantizer (plus the float16 scales the int4
+    pass stores) give the same weights: the extreme of each column block maps to -8."""
+    from onnx import helper
+
+    from model_store.runtime import ort_session
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(40, 5, bias=False)  # 40 inputs: blocks of 16 need padding
+    w_t = layer.weight.detach().numpy().T.copy()  # [in, out], as the exporter writes it
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [40, 40])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [40, 5])],
+        [numpy_helper.from_array(w_t, "w")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    model, rewritten = _matmul_nbits(model, block_size)
+    _half_floats(model)
+    assert rewritten == 1
+    stored = ort_session(model.SerializeToString(), 1).run(
+        None, {"x": np.eye(40, dtype=np.float32)}
+    )[0]
+    add_int4_fake_quant(layer, block_size)
+    seen = layer.weight.detach().numpy().T
+    assert np.mean(np.isclose(stored, seen, rtol=0, atol=1e-7)) >= 0.99
+    assert max(len(np.unique(col)) for col in seen.T) <= 16 * (1 if block_size is None else 3)
