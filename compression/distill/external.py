@@ -142,6 +142,7 @@ def load_external_teacher(
         raise TeacherContractError(f"{path}: not an ONNX model ({exc})") from None
     teacher_items = read_teacher_items(items_path)
     check_contract(model, path, len(teacher_items))
+    check_runs(path, len(teacher_items))
     join = join_items(data, teacher_items)
     if len(join.unknown_to_teacher) == data.n_items:
         raise TeacherContractError(
@@ -203,3 +204,30 @@ def check_contract(model: object, path: Path, n_teacher_items: int) -> None:
             f"{path}: output {out.name!r} is {width} wide; the item file lists "
             f"{n_teacher_items} items, so it must be {n_teacher_items + 1} (column 0 = padding)"
         )
+
+
+# History batches a teacher must score: shapes a graph traced with its example's sizes baked in
+# (a common `torch.onnx.export` outcome) fails on.
+PROBE_SHAPES = ((1, 1), (3, 2), (5, 9))
+
+
+def check_runs(path: Path, n_teacher_items: int) -> None:
+    """Score a few batches of other sizes than any export example; a graph that fails or
+    answers another shape is refused in one line."""
+    session = ort_session(path, 1)
+    name = session.get_inputs()[0].name
+    for batch, length in PROBE_SHAPES:
+        ids = np.ones((batch, length), dtype=np.int64)
+        try:
+            out = session.run(None, {name: ids})[0]
+        except Exception as exc:  # ONNX Runtime's errors carry no common type
+            reason = str(exc).strip().splitlines()[-1][:200]
+            raise TeacherContractError(
+                f"{path}: fails on a [{batch}, {length}] history batch ({reason}); export "
+                "it with dynamic batch and length (sizes of the example input baked in?)"
+            ) from None
+        if out.shape != (batch, n_teacher_items + 1):
+            raise TeacherContractError(
+                f"{path}: a [{batch}, {length}] history batch gave scores of shape "
+                f"{list(out.shape)}, expected [{batch}, {n_teacher_items + 1}]"
+            )

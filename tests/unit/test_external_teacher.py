@@ -136,6 +136,34 @@ def test_contract_violations_are_one_line_naming_the_problem(
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+class BakedBatch(nn.Module):
+    """Traced with the example's batch size baked into a reshape (a classic export slip)."""
+
+    def __init__(self, n_items: int) -> None:
+        super().__init__()
+        self.items = nn.Embedding(n_items + 1, 4)
+        self.out = nn.Linear(4, n_items + 1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        batch = int(ids.shape[0])  # a Python int: a constant in the traced graph
+        return self.out(self.items(ids).mean(1).reshape(batch, 4))
+
+
+def test_a_graph_with_baked_sizes_is_refused_in_one_line(tmp_path: Path, items_file: Path) -> None:
+    path = tmp_path / "baked.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            BakedBatch(len(TEACHER_ITEMS)).eval(), (torch.randint(1, 13, (2, 5)),), str(path),
+            input_names=["history"], output_names=["logits"], opset_version=17, dynamo=False,
+            dynamic_axes={"history": {0: "b", 1: "n"}, "logits": {0: "b"}},
+        )  # fmt: skip
+    with pytest.raises(TeacherContractError) as err:
+        load_external_teacher(path, items_file, dataset(TEACHER_ITEMS))
+    message = str(err.value)
+    assert "fails on a [1, 1] history batch" in message and "\n" not in message
+
+
 def test_unknown_items_are_reported_not_guessed(tmp_path: Path, items_file: Path) -> None:
     data = dataset(["SKU-0003", "NEW-1", "SKU-0001", "NEW-2"])
     join = join_items(data, read_teacher_items(items_file))
