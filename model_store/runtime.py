@@ -13,6 +13,24 @@ from pathlib import Path
 from typing import Any
 
 CPU = ["CPUExecutionProvider"]
+# Written into a graph's metadata by `compression.quantize.int4`: its weights are stored as
+# DequantizeLinear of constants, to be folded to float once when the session loads. ONNX
+# Runtime keeps such nodes for its QDQ fusions unless told otherwise, and then unpacks every
+# weight on every call (an ML-1M student: 0.35 ms instead of 0.11 ms at batch 1).
+FOLD_WEIGHTS_KEY = "recsys.fold_quantized_weights"
+
+
+def _folds_weights(model: str | Path | bytes) -> bool:
+    import onnx
+
+    try:
+        if isinstance(model, bytes):
+            proto = onnx.load_model_from_string(model)
+        else:
+            proto = onnx.load(str(model), load_external_data=False)
+    except Exception:  # unreadable here: ONNX Runtime reports it in its own words
+        return False
+    return any(p.key == FOLD_WEIGHTS_KEY and p.value == "1" for p in proto.metadata_props)
 
 
 def ort_session(
@@ -32,6 +50,8 @@ def ort_session(
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if _folds_weights(model):
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
         options.log_severity_level = 3

@@ -17,6 +17,10 @@
 - **Id tables**: int32/int64 tables read only by a `Gather` (the successor lists) whose values
   fit int16 are stored as int16 and cast back after the Gather.
 
+The file says (metadata `recsys.fold_quantized_weights`) that its weights are to be folded to
+float when a session loads it (`model_store.runtime.ort_session` does): 4 bits on disk and in
+transit, float speed per call.
+
 The graph is raised to opset 21 first (int4 tensors need it) with ONNX's version converter.
 Block sizes (per column, 16-128) are compared on the ML-1M students by
 `benchmarks/int4_check.py`; per column writes the fewest bytes.
@@ -42,6 +46,7 @@ from compression.export.files import (
     save_model,
     score_width,
 )
+from model_store.runtime import FOLD_WEIGHTS_KEY
 
 INT4_OPSET = 21
 INT4_QMAX = 7  # symmetric [-7, 7]: zero stays exact and no row scale is wasted on -8
@@ -302,6 +307,8 @@ def quantize_int4(
     narrowed = _narrow_id_tables(model)
     prune_initializers(model.graph)  # before the casts, which would read what nothing needs
     _half_floats(model)
+    # 4 bits on disk, float weights once loaded: see model_store.runtime.FOLD_WEIGHTS_KEY.
+    onnx.helper.set_model_props(model, {FOLD_WEIGHTS_KEY: "1"})
     if not matmuls and not tables:
         raise QuantizeError(
             f"{src}: no float MatMul weight and no float item table found; was it already "

@@ -195,3 +195,23 @@ def test_column_fake_quant_is_onnxruntimes_int4_grid(block_size: int | None) -> 
     seen = layer.weight.detach().numpy().T
     assert np.mean(np.isclose(stored, seen, rtol=0, atol=1e-7)) >= 0.99
     assert max(len(np.unique(col)) for col in seen.T) <= 16 * (1 if block_size is None else 3)
+
+
+def test_the_int4_file_asks_sessions_to_fold_its_weights(
+    trained: tuple[SASRec, Path, Split], tmp_path: Path
+) -> None:
+    """4 bits on disk, float weights once loaded: the session factory reads the marker and
+    lets ONNX Runtime fold the DequantizeLinear of constants (same scores either way)."""
+    from model_store.runtime import _folds_weights
+
+    _, src, split = trained
+    dst = tmp_path / "int4.onnx"
+    quantize_int4(src, dst)
+    assert _folds_weights(dst) and _folds_weights(dst.read_bytes())
+    assert not _folds_weights(src) and not _folds_weights(b"not a model")
+    import onnxruntime as ort
+
+    unfolded = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+    batch = histories(split)
+    plain = unfolded.run(["scores"], {"item_ids": batch})[0]
+    np.testing.assert_allclose(scores(dst, batch), plain, atol=1e-4)
