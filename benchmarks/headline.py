@@ -39,7 +39,7 @@ def _latest(store: ModelStore, name: str) -> dict | None:
     }
 
 
-def _mean_sd(values: list[float]) -> dict[str, float | int]:
+def mean_sd(values: list[float]) -> dict[str, float | int]:
     sd = statistics.stdev(values) if len(values) > 1 else float("nan")
     return {"mean": statistics.fmean(values), "sd": sd, "n": len(values)}
 
@@ -72,7 +72,7 @@ def main() -> None:
             per_seed[label].append({"seed": seed, **found})
     summary = {
         label: {
-            key: _mean_sd([r[key] for r in runs])
+            key: mean_sd([r[key] for r in runs])
             for key in (*METRICS, "retention", "bytes_share")
             if runs and all(key in r for r in runs)
         }

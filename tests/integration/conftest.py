@@ -23,7 +23,9 @@ ORIGINAL_IDS = [1000 + i for i in range(N_ITEMS)]  # internal id i+1 <-> origina
 COUNTS = [N_ITEMS - i for i in range(N_ITEMS - 1)] + [500]
 
 
-def publish_tiny(store: ModelStore, name: str, seed: int, hidden: int = 16) -> None:
+def publish_tiny(
+    store: ModelStore, name: str, seed: int, hidden: int = 16, metrics: dict | None = None
+) -> None:
     torch.manual_seed(seed)
     cfg = ModelConfig(n_items=N_ITEMS, max_len=MAX_LEN, hidden=hidden, n_heads=2, n_blocks=1)
     model = SASRec(cfg).eval()
@@ -58,6 +60,7 @@ def publish_tiny(store: ModelStore, name: str, seed: int, hidden: int = 16) -> N
             "test_ndcg@10": 0.2 if hidden == 16 else 0.19,
             "test_hr@10": 0.3,
             "params": float(model.num_parameters()),
+            **(metrics or {}),
         },
     )
 

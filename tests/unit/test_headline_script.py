@@ -34,3 +34,25 @@ def test_headline_table_over_seeds(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert "| student | 2 |" in table and "95.0% ± 0.0%" in table
     assert "| student INT8 | missing |" in table and "| student INT4 (QAT) | missing |" in table
     assert summary["teacher"]["bytes_share"]["mean"] == 1.0 and "(1/1.0)" in table
+
+
+def test_loss_quality_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/loss_quality.py: sampled vs full per data set, share of the full NDCG@10."""
+    store = ModelStore(tmp_path / "models")
+    for seed in (0, 1):
+        timing = {"epochs": 10.0, "train_wall_s": 50.0}
+        publish_tiny(store, f"yelp-teacher-full-s{seed}", seed=seed, metrics=timing)  # 0.2
+        sampled = {**timing, "test_ndcg@10": 0.196, "train_wall_s": 20.0}
+        publish_tiny(store, f"yelp-teacher-sampled-s{seed}", seed=seed, metrics=sampled)
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import loss_quality
+
+    out = tmp_path / "out"
+    argv = ["loss_quality.py", "--store", str(store.root), "--sets", "yelp", "sports",
+            "--seeds", "0", "1", "--out", str(out)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    loss_quality.main()
+    table = (out / "loss-quality.md").read_text()
+    assert "| yelp | sampled | 2 | 0.1960 ± 0.0000 | 0.3000 ± 0.0000 | 2.0 | 98.0% |" in table
+    assert "| yelp | full | 2 | 0.2000 ± 0.0000 | 0.3000 ± 0.0000 | 5.0 | 100.0% |" in table
+    assert "| sports | full | missing |" in table

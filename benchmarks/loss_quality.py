@@ -1,0 +1,87 @@
+"""Sampled vs full softmax on the same epoch budget (issue 25's quality check), from a store:
+per data set, the full-softmax teachers `<set>-teacher-full-s<seed>` and the sampled ones
+`<set>-teacher-sampled-s<seed>`, as mean ± sd over seeds of test NDCG@10 / HR@10 and seconds
+per epoch, and the sampled loss's share of the full one's NDCG@10 (the bar: 98%).
+
+    python benchmarks/loss_quality.py --store /path/to/models --sets yelp sports \
+        --seeds 0 1 2 --out benchmarks/results/loss-quality
+
+Writes loss-quality.json and loss-quality.md under --out. `benchmarks/loss_quality.sh` trains
+the models first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from headline import mean_sd
+
+from model_store.store import ModelStore, StoreError
+
+LOSSES = ("full", "sampled")
+
+
+def run_row(store: ModelStore, name: str) -> dict[str, float] | None:
+    try:
+        manifest, _ = store.resolve(f"{name}@latest")
+    except StoreError:
+        return None
+    m = manifest.metrics
+    return {
+        "test_ndcg@10": m["test_ndcg@10"],
+        "test_hr@10": m["test_hr@10"],
+        "epochs": m["epochs"],
+        "seconds_per_epoch": m["train_wall_s"] / max(m["epochs"], 1.0),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", required=True)
+    parser.add_argument("--sets", nargs="+", default=["yelp", "sports"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", default="benchmarks/results/loss-quality")
+    args = parser.parse_args()
+    store = ModelStore(Path(args.store))
+    summary: dict[str, dict[str, object]] = {}
+    lines = [
+        "| data set | loss | seeds | NDCG@10 | HR@10 | s / epoch | NDCG@10 vs full |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for data_set in args.sets:
+        runs = {
+            loss: [
+                r
+                for seed in args.seeds
+                if (r := run_row(store, f"{data_set}-teacher-{loss}-s{seed}")) is not None
+            ]
+            for loss in LOSSES
+        }
+        stats = {
+            loss: {key: mean_sd([r[key] for r in rows]) for key in rows[0]} if rows else {}
+            for loss, rows in runs.items()
+        }
+        full_ndcg = stats["full"].get("test_ndcg@10", {}).get("mean")
+        summary[data_set] = {"runs": runs, "stats": stats}
+        for loss in LOSSES:
+            s = stats[loss]
+            if not s:
+                lines.append(f"| {data_set} | {loss} | missing | | | | |")
+                continue
+            share = f"{s['test_ndcg@10']['mean'] / full_ndcg:.1%}" if full_ndcg else "-"
+            cell = "{0[mean]:.4f} ± {0[sd]:.4f}".format
+            lines.append(
+                f"| {data_set} | {loss} | {len(runs[loss])} | {cell(s['test_ndcg@10'])} "
+                f"| {cell(s['test_hr@10'])} | {s['seconds_per_epoch']['mean']:.1f} | {share} |"
+            )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "loss-quality.json").write_text(json.dumps(summary, indent=2))
+    (out / "loss-quality.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
