@@ -243,6 +243,15 @@ class StudentRecipe(_ModelRecipe):
         "context copy of the teacher, fine-tuned to its window",
     )
 
+    @model_validator(mode="after")
+    def _causal_when_distilled(self) -> StudentRecipe:
+        if self.distill is not None and self.model.get("bidirectional"):
+            raise ValueError(
+                "model.bidirectional with [distill]: a bidirectional model trains by cloze "
+                "from labels; distil into a causal student (drop bidirectional)"
+            )
+        return self
+
 
 R = TypeVar("R", bound=BaseModel)
 

@@ -69,6 +69,14 @@ def export_stored(store: ModelStore, ref: str) -> Manifest:
         )
 
 
+def _refuse_bidirectional(parent: Manifest, what: str) -> None:
+    if parent.architecture.get("bidirectional"):
+        raise ValueError(
+            f"{parent.name}@{parent.version} is bidirectional (BERT-style): {what} is not "
+            "supported for it; distil it into a causal student first"
+        )
+
+
 def publish_onnx_variant(
     store: ModelStore,
     parent_ref: str,
@@ -265,6 +273,7 @@ def prune_variant(
     from compression.pipeline import evaluate_and_publish
 
     parent, folder = store.load(parent_ref)
+    _refuse_bidirectional(parent, "pruning (its importance scores use next-item training)")
     checkpoint = stored_checkpoint(parent, folder, "prune")
     data, split = model_split(parent)
     model = load_checkpoint(checkpoint).eval()
@@ -338,6 +347,7 @@ def qat_variant(
     if epochs < 1:
         raise ValueError(f"qat epochs={epochs}: at least 1")
     parent, folder = store.load(parent_ref)
+    _refuse_bidirectional(parent, "--qat-epochs (use post-training int4)")
     checkpoint = stored_checkpoint(parent, folder, "fine-tune for int4")
     data, split = model_split(parent)
     teacher = load_checkpoint(checkpoint).eval()
@@ -397,6 +407,7 @@ def context_variant(
     items of 200 while its batch-64 latency fell ~6x.
     """
     parent, _ = store.load(parent_ref)
+    _refuse_bidirectional(parent, "a shorter context (the [mask] slot is part of its window)")
     if max_len >= int(parent.architecture["max_len"]):
         raise ValueError(
             f"{parent_ref}: context {max_len} is not shorter than its "

@@ -20,19 +20,6 @@ CPU = ["CPUExecutionProvider"]
 FOLD_WEIGHTS_KEY = "recsys.fold_quantized_weights"
 
 
-def _folds_weights(model: str | Path | bytes) -> bool:
-    import onnx
-
-    try:
-        if isinstance(model, bytes):
-            proto = onnx.load_model_from_string(model)
-        else:
-            proto = onnx.load(str(model), load_external_data=False)
-    except Exception:  # unreadable here: ONNX Runtime reports it in its own words
-        return False
-    return any(p.key == FOLD_WEIGHTS_KEY and p.value == "1" for p in proto.metadata_props)
-
-
 def ort_session(
     model: str | Path | bytes,
     threads: int | None = 1,
@@ -50,10 +37,17 @@ def ort_session(
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if _folds_weights(model):
-        options.add_session_config_entry("session.disable_quant_qdq", "1")
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
         options.log_severity_level = 3
     source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, options, providers=providers or CPU)
+    session = ort.InferenceSession(source, options, providers=providers or CPU)
+    if folds_weights(session):  # only int4 files, small: loading them twice costs little
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
+        session = ort.InferenceSession(source, options, providers=providers or CPU)
+    return session
+
+
+def folds_weights(session: Any) -> bool:
+    """Does the session's model ask for its quantized weights to be folded at load?"""
+    return session.get_modelmeta().custom_metadata_map.get(FOLD_WEIGHTS_KEY) == "1"

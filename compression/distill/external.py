@@ -221,7 +221,7 @@ def check_runs(path: Path, n_teacher_items: int) -> None:
         try:
             out = session.run(None, {name: ids})[0]
         except Exception as exc:  # ONNX Runtime's errors carry no common type
-            reason = str(exc).strip().splitlines()[-1][:200]
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
             raise TeacherContractError(
                 f"{path}: fails on a [{batch}, {length}] history batch ({reason}); export "
                 "it with dynamic batch and length (sizes of the example input baked in?)"

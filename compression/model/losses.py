@@ -197,7 +197,8 @@ def cloze_loss(mask_prob: float, seed: int = 0) -> LossFn:
     generator = torch.Generator().manual_seed(seed)
 
     def loss(model: SASRec, inputs: Tensor, targets: Tensor, rows: object = None) -> Tensor:
-        seq = torch.cat([inputs[:, :1], targets], dim=1)[:, -model.cfg.max_len :]
+        # The window's items: the (left-padded) input, then its last target.
+        seq = torch.cat([inputs, targets[:, -1:]], dim=1)[:, -model.cfg.max_len :]
         valid = seq > 0
         masked = (torch.rand(seq.shape, generator=generator) < mask_prob).to(seq.device) & valid
         # Some windows mask only their last item: the task served at inference, where the

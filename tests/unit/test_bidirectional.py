@@ -82,8 +82,10 @@ def test_cloze_masks_some_items_and_always_something() -> None:
     loss = cloze_loss(0.3, seed=1)(model, inputs, targets)
     assert torch.isfinite(loss) and loss > 0
     masked = seen[0] == model.mask_id
-    assert masked[0].sum() >= 1 and masked[1].tolist() == [False] * 11 + [True]
+    assert masked[0].sum() >= 1 and masked[1].tolist() == [False] * 10 + [False, True]
     assert not masked[seen[0] == 0].any()  # padding is never masked
+    # The window is the whole left-padded input and its last target: 4 then 5 ([mask]).
+    assert seen[0][1, -2] == 4
 
 
 def test_cloze_training_learns_beyond_popularity() -> None:
@@ -116,6 +118,7 @@ def test_what_a_bidirectional_model_cannot_do_is_refused_in_one_line() -> None:
 
 
 def test_a_causal_student_distils_from_a_bidirectional_teacher(tmp_path: Path) -> None:
+    """...and what does not apply to a bidirectional model is refused in one line."""
     store = ModelStore(tmp_path / "models")
     data = "synthetic:users=200,items=40,max_len=14,min_len=6,seed=3"
     teacher = TeacherRecipe(
@@ -139,3 +142,15 @@ def test_a_causal_student_distils_from_a_bidirectional_teacher(tmp_path: Path) -
     with pytest.raises(ValueError, match="needs \\[distill\\] top_k"):
         distill_student(no_top_k, store, progress=False, log=lambda _: None)
     assert np.isfinite(m.metrics["ndcg_retention"])
+    from compression.model.prune import PruneConfig
+    from compression.variants import context_variant, prune_variant, qat_variant
+
+    for refused in (
+        lambda: context_variant(store, "bert@1", 6),
+        lambda: prune_variant(store, "bert@1", PruneConfig(heads_keep=1)),
+        lambda: qat_variant(store, "bert@1", 1),
+    ):
+        with pytest.raises(ValueError, match="bert@1 is bidirectional"):
+            refused()
+    with pytest.raises(ValidationError, match="trains by cloze from labels"):
+        StudentRecipe(name="b", teacher="bert@1", model={"bidirectional": True})

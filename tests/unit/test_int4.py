@@ -202,16 +202,19 @@ def test_the_int4_file_asks_sessions_to_fold_its_weights(
 ) -> None:
     """4 bits on disk, float weights once loaded: the session factory reads the marker and
     lets ONNX Runtime fold the DequantizeLinear of constants (same scores either way)."""
-    from model_store.runtime import _folds_weights
+    import onnxruntime as ort
+
+    from model_store.runtime import folds_weights, ort_session
 
     _, src, split = trained
     dst = tmp_path / "int4.onnx"
     quantize_int4(src, dst)
-    assert _folds_weights(dst) and _folds_weights(dst.read_bytes())
-    assert not _folds_weights(src) and not _folds_weights(b"not a model")
-    import onnxruntime as ort
-
+    optimized = tmp_path / "optimized.onnx"
+    session = ort_session(dst, 1, optimized_model_path=optimized)
+    assert folds_weights(session) and not folds_weights(ort_session(src, 1))
+    ops = {n.op_type for n in onnx.load(str(optimized)).graph.node}
+    assert "DequantizeLinear" not in ops  # folded: nothing unpacked per call
     unfolded = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
     batch = histories(split)
     plain = unfolded.run(["scores"], {"item_ids": batch})[0]
-    np.testing.assert_allclose(scores(dst, batch), plain, atol=1e-4)
+    np.testing.assert_allclose(session.run(["scores"], {"item_ids": batch})[0], plain, atol=1e-4)
