@@ -128,7 +128,11 @@ class LoadedModel:
             a.size_bytes for a in manifest.artifacts.values() if a.format in ("onnx", "tensorrt")
         )
         # What this variant holds or maps: model file(s), item matrix, index, scorer tables.
-        self.memory_bytes = {"model_bytes": self.size_bytes, **ranking.memory_bytes}
+        # int4 files are folded to float32 weights when loaded (model_store.runtime).
+        held = self.size_bytes
+        if "int4" in precisions:
+            held = max(held, int(4 * manifest.metrics.get("params", 0.0)))
+        self.memory_bytes = {"model_bytes": held, **ranking.memory_bytes}
 
     def _load_items(self, path: Path) -> None:
         payload: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))

@@ -101,8 +101,12 @@ def test_int4_of_the_imported_graph_is_evaluated_and_served(imported) -> None:
         answer = client.post(
             "/v1/recommend", json={"user_id": "u", "history": ["B00003"], "k": 5}
         ).json()
+        listed = client.get("/v1/variants").json()
     got = [i["item_id"] for i in answer["items"]]
     assert len(got) == 5 and "B00003" not in got
+    # Folded to float32 when loaded: memory counts the weights as they are held.
+    variant = listed["variants"]["ext4"]
+    assert variant["memory"]["model_bytes"] >= 4 * q.metrics["params"] > q.metrics["model_bytes"]
 
 
 def test_a_build_recipe_with_an_external_teacher(imported, tmp_path: Path) -> None:
