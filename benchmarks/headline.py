@@ -2,7 +2,8 @@
 
 Each seed is a family: `<teacher>-s<seed>`, `<student>-s<seed>` distilled from it,
 `<student>-s<seed>-int8` (item rows + dynamic INT8), `<student>-s<seed>-int4` (4-bit weights,
-post-training) and `<student>-s<seed>-qat-int4` (4-bit after fake-quant fine-tuning).
+post-training), `<student>-s<seed>-qat-int4` (4-bit after fake-quant fine-tuning) and
+`<teacher>-s<seed>-int8-ctx50` (the teacher's INT8 reading its last 50 items).
 Retention and the share of the teacher's bytes are per seed, against that seed's own
 teacher, then averaged. Rows whose models are missing are reported as missing.
 
@@ -55,13 +56,17 @@ def main() -> None:
     store = ModelStore(Path(args.store))
     students = {"student": "", "student INT8": "-int8", "student INT4": "-int4",
                 "student INT4 (QAT)": "-qat-int4"}  # fmt: skip
-    per_seed: dict[str, list[dict]] = {label: [] for label in ("teacher", *students)}
+    labels = ("teacher", *students, "50-item INT8 teacher")
+    per_seed: dict[str, list[dict]] = {label: [] for label in labels}
     for seed in args.seeds:
         teacher = _latest(store, f"{args.teacher}-s{seed}")
         found_rows = [("teacher", teacher)] + [
             (label, _latest(store, f"{args.student}-s{seed}{suffix}"))
             for label, suffix in students.items()
         ]
+        found_rows.append(
+            ("50-item INT8 teacher", _latest(store, f"{args.teacher}-s{seed}-int8-ctx50"))
+        )
         for label, found in found_rows:
             if found is None:
                 continue
