@@ -10,6 +10,7 @@
 # ~62 min on one); a CPU without native bf16 takes longer for the same epochs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benchmarks/frozen.sh  # commit first: the jobs run HEAD's code, whatever changes meanwhile
 : "${RECSYS_STORE:?set RECSYS_STORE to the store folder}"
 export OMP_NUM_THREADS=1
 SEEDS=("${@:-0 1 2}")

@@ -7,6 +7,7 @@
 #   RECSYS_STORE=/path/to/models bash benchmarks/loss_quality.sh [SEEDS...]   # default 0 1 2
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benchmarks/frozen.sh  # commit first: the jobs run HEAD's code, whatever changes meanwhile
 : "${RECSYS_STORE:?set RECSYS_STORE to the store folder}"
 export OMP_NUM_THREADS=1
 SEEDS=("${@:-0 1 2}")
