@@ -16,9 +16,9 @@ Writes headline.json and headline.md under --out.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 from pathlib import Path
+
+from tables import mean_sd, write_results
 
 from model_store.store import ModelStore, StoreError
 
@@ -38,11 +38,6 @@ def _latest(store: ModelStore, name: str) -> dict | None:
         "epochs": manifest.metrics.get("epochs"),
         **{k: manifest.metrics[k] for k in METRICS if k in manifest.metrics},
     }
-
-
-def mean_sd(values: list[float]) -> dict[str, float | int]:
-    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
-    return {"mean": statistics.fmean(values), "sd": sd, "n": len(values)}
 
 
 def main() -> None:
@@ -85,11 +80,7 @@ def main() -> None:
            "onnx_bytes": runs[0]["onnx_bytes"] if runs else None}
         for label, runs in per_seed.items()
     }  # fmt: skip
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "headline.json").write_text(
-        json.dumps({"per_seed": per_seed, "summary": summary}, indent=2)
-    )
+    payload = {"per_seed": per_seed, "summary": summary}
     lines = [
         "| model | seeds | params | ONNX bytes (of teacher) | NDCG@10 | HR@10 | retention |",
         "|---|---|---|---|---|---|---|",
@@ -110,8 +101,7 @@ def main() -> None:
             f"| {label} | {len(s['models'])} | {s['params']:,.0f} | {s['onnx_bytes']:,}{share} "
             f"| {cell('test_ndcg@10')} | {cell('test_hr@10')} | {cell('retention', '.1%')} |"
         )
-    (out / "headline.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, "headline", payload, lines)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from tables import write_results
+
 from compression.evaluate.metrics import (
     eval_batch_size,
     evaluate_scorer,
@@ -98,11 +100,7 @@ def main() -> None:
             f"| {label} | {size:,.0f} | {cell('valid_ndcg@10')} | {cell('test_ndcg@10')} "
             f"| {cell('test_hr@10')} | {cell('top10_agreement')} |"
         )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "int4.json").write_text(json.dumps(per_model, indent=2))
-    (out / "int4.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, "int4", per_model, lines)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,9 @@ the models first.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from headline import mean_sd
+from tables import mean_sd, write_results
 
 from model_store.store import ModelStore, StoreError
 
@@ -76,11 +75,7 @@ def main() -> None:
                 f"| {data_set} | {loss} | {len(runs[loss])} | {cell(s['test_ndcg@10'])} "
                 f"| {cell(s['test_hr@10'])} | {s['seconds_per_epoch']['mean']:.1f} | {share} |"
             )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "loss-quality.json").write_text(json.dumps(summary, indent=2))
-    (out / "loss-quality.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, "loss-quality", summary, lines)
 
 
 if __name__ == "__main__":
