@@ -53,7 +53,7 @@ from compression.configs import (
     without_retired,
 )
 from model_store.manifest import Manifest
-from model_store.store import CHECKPOINT_FILE, ModelStore
+from model_store.store import CHECKPOINT_FILE, ModelStore, StoreError
 
 
 class _Strict(BaseModel):
@@ -425,6 +425,7 @@ def _variant_steps(
 ) -> dict[str, Manifest]:
     """The quantize, int4, prune, FP16 and context steps, on models `built` so far."""
     from compression.variants import (
+        QAT_DISTILL,
         context_variant,
         fp16_variant,
         int4_suffix,
@@ -460,8 +461,13 @@ def _variant_steps(
                 return False
             if not n:
                 return m.parent == p
-            tuned, _ = store.resolve(m.parent or "")  # the fake-quant fine-tune
-            return tuned.parent in s and tuned.recipe.get("qat", {}).get("epochs") == n
+            try:
+                tuned, _ = store.resolve(m.parent or "")  # the fake-quant fine-tune
+            except StoreError:
+                return False
+            qat = tuned.recipe.get("qat", {})
+            grid = qat.get("epochs") == n and qat.get("block_size") == w["block_size"]
+            return tuned.parent in s and grid and qat.get("distill") == QAT_DISTILL
 
         found = reuse(name, same_int4)
         if found is None and qat:
