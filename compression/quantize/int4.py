@@ -244,17 +244,14 @@ def _half_floats(model: onnx.ModelProto) -> int:
     return len(casts)
 
 
-def _drop_zero_bias(model: onnx.ModelProto) -> bool:
+def _drop_zero_bias(model: onnx.ModelProto) -> None:
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    dropped = False
     for node in graph.node:
         if node.op_type != "Gemm" or len(node.input) < 3 or node.input[2] not in inits:
             continue
         if not numpy_helper.to_array(inits[node.input[2]]).any():
             del node.input[2]
-            dropped = True
-    return dropped
 
 
 def _narrow_id_tables(model: onnx.ModelProto) -> list[str]:
@@ -303,17 +300,17 @@ def quantize_int4(
     model = _raise_opset(model, src)
     model, matmuls = _matmul_nbits(model, block_size)
     tables = _int4_tables(model)
+    if not matmuls and not tables:
+        raise QuantizeError(
+            f"{src}: no float MatMul weight and no float item table found; was it already "
+            "quantized?"
+        )
     _drop_zero_bias(model)
     narrowed = _narrow_id_tables(model)
     prune_initializers(model.graph)  # before the casts, which would read what nothing needs
     _half_floats(model)
     # 4 bits on disk, float weights once loaded: see model_store.runtime.FOLD_WEIGHTS_KEY.
     onnx.helper.set_model_props(model, {FOLD_WEIGHTS_KEY: "1"})
-    if not matmuls and not tables:
-        raise QuantizeError(
-            f"{src}: no float MatMul weight and no float item table found; was it already "
-            "quantized?"
-        )
     with atomic_output(dst, n_scores) as tmp:
         save_model(model, tmp)
     return Int4Report(
