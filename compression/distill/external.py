@@ -16,6 +16,7 @@ import csv
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -142,14 +143,15 @@ def load_external_teacher(
         raise TeacherContractError(f"{path}: not an ONNX model ({exc})") from None
     teacher_items = read_teacher_items(items_path)
     check_contract(model, path, len(teacher_items))
-    check_runs(path, len(teacher_items))
     join = join_items(data, teacher_items)
     if len(join.unknown_to_teacher) == data.n_items:
         raise TeacherContractError(
             f"{items_path}: none of the data set's {data.n_items} items is among the teacher's "
             f"{len(teacher_items)}; is it the item file of this teacher and this catalogue?"
         )
-    return ExternalTeacher(path, join, len(teacher_items), threads)
+    teacher = ExternalTeacher(path, join, len(teacher_items), threads)
+    check_runs(teacher._session, path, len(teacher_items))
+    return teacher
 
 
 def check_contract(model: object, path: Path, n_teacher_items: int) -> None:
@@ -211,10 +213,9 @@ def check_contract(model: object, path: Path, n_teacher_items: int) -> None:
 PROBE_SHAPES = ((1, 1), (3, 2), (5, 9))
 
 
-def check_runs(path: Path, n_teacher_items: int) -> None:
-    """Score a few batches of other sizes than any export example; a graph that fails or
-    answers another shape is refused in one line."""
-    session = ort_session(path, 1)
+def check_runs(session: Any, path: Path, n_teacher_items: int) -> None:
+    """Score a few batches of other sizes than any export example with the teacher's own
+    session; a graph that fails or answers another shape is refused in one line."""
     name = session.get_inputs()[0].name
     for batch, length in PROBE_SHAPES:
         ids = np.ones((batch, length), dtype=np.int64)
