@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -18,6 +17,7 @@ import numpy as np
 from compression.configs import DataSpec, ModelConfig, StudentRecipe, TeacherRecipe
 from compression.data.sequences import SequenceDataset, Split, leave_one_out, load_dataset
 from compression.evaluate.metrics import evaluate_model, evaluate_popularity
+from compression.model.resume import ResumeAt, remove_states
 from model_store.manifest import DatasetInfo, Manifest
 from model_store.store import CHECKPOINT_FILE, ModelStore
 
@@ -166,8 +166,10 @@ def evaluate_and_publish(
     recipe: dict[str, Any],
     wall_s: float,
     extra_metrics: dict[str, float] | None = None,
+    resume: ResumeAt | None = None,
 ) -> TrainReport:
-    """Test-set and popularity evaluation, then an atomic publish with checkpoint + mapping."""
+    """Test-set and popularity evaluation, then an atomic publish with checkpoint + mapping;
+    the run's training state (`resume`) is dropped once it is published."""
     from compression.export.exporter import check_parity, export_onnx
     from compression.model.train import save_checkpoint
 
@@ -206,6 +208,8 @@ def evaluate_and_publish(
             metrics=metrics,
             signature=signature(data.n_items),
         )
+    if resume is not None:
+        remove_states(resume.folder, resume.name)
     return TrainReport(
         manifest=manifest,
         test=test,
@@ -231,8 +235,8 @@ def train_teacher(
     data, split = spec_split(recipe.data)
     model_cfg = recipe.model_config_for(data.n_items)
     log(f"data {json.dumps(data.summary())}")
-    started = time.perf_counter()
-    result = train(model_cfg, recipe.train, split, progress=progress, log=log)
+    resume = resume_at(store, recipe.name, recipe.data.model_dump_json())
+    result = train(model_cfg, recipe.train, split, progress=progress, log=log, resume=resume)
     return evaluate_and_publish(
         store,
         recipe.name,
@@ -242,8 +246,15 @@ def train_teacher(
         kind="teacher",
         parent=None,
         recipe=recipe.model_dump(),
-        wall_s=time.perf_counter() - started,
+        wall_s=result.wall_s,
+        resume=resume,
     )
+
+
+def resume_at(store: ModelStore, name: str, key: str) -> ResumeAt:
+    """Where run `name` keeps its state until it is published: next to the store, so a rerun
+    of the same command continues it (`compression.model.resume`)."""
+    return ResumeAt(store.root.parent / ".train-state", name, key)
 
 
 def warm_start(teacher: SASRec, cfg: ModelConfig, teacher_ref: str) -> SASRec:
@@ -309,7 +320,8 @@ def distill_student(
         f"{'labels only' if loss_fn is None else recipe.distill.strategy}"
         f"{'; starting from the teacher' if init_model is not None else ''}"
     )
-    started = time.perf_counter()
+    distill = "labels" if recipe.distill is None else recipe.distill.model_dump_json()
+    resume = resume_at(store, recipe.name, f"{parent} {distill} init={recipe.init}")
     result = train(
         student_cfg,
         recipe.train,
@@ -320,8 +332,8 @@ def distill_student(
         on_eval=on_eval,
         input_len=max(teacher.cfg.max_len, student_cfg.max_len),
         init_model=init_model,
+        resume=resume,
     )
-    wall_s = time.perf_counter() - started
     teacher_params = teacher.num_parameters()
     extra = {
         "teacher_params": float(teacher_params),
@@ -342,8 +354,9 @@ def distill_student(
         kind="student" if recipe.distill is not None else "student-labels-only",
         parent=parent,
         recipe=recipe_dump,
-        wall_s=wall_s,
+        wall_s=result.wall_s,
         extra_metrics=extra,
+        resume=resume,
     )
 
 
@@ -418,10 +431,12 @@ def distill_from_external(
         negatives=_negatives(recipe), seed=recipe.train.seed,
     )  # fmt: skip
     student_cfg = recipe.model_config_for(data.n_items)
-    started = time.perf_counter()
+    resume = resume_at(
+        store, recipe.name, f"{teacher.sha256} {context} {recipe.distill.model_dump_json()}"
+    )
     result = train(
         student_cfg, recipe.train, split, loss_fn=loss, progress=progress, log=log,
-        on_eval=loss.on_eval, input_len=max(context, student_cfg.max_len),
+        on_eval=loss.on_eval, input_len=max(context, student_cfg.max_len), resume=resume,
     )  # fmt: skip
     graph = onnx.load(str(teacher_onnx))
     teacher_params = sum(int(np.prod(t.dims)) for t in graph.graph.initializer)
@@ -437,7 +452,8 @@ def distill_from_external(
         store, recipe.name, result, data, split, kind="student", parent=parent,
         recipe={**recipe.model_dump(), "teacher": "external", "external_teacher": external,
                 "data": data_spec.model_dump(), "schedule_events": loss.state.events},
-        wall_s=time.perf_counter() - started,
+        wall_s=result.wall_s,
+        resume=resume,
         extra_metrics={
             "teacher_test_ndcg@10": t_test["ndcg@10"],
             "teacher_valid_ndcg@10": t_valid["ndcg@10"],

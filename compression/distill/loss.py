@@ -43,7 +43,7 @@ as long as a labels-only one. The `plateau` schedule rebuilds them when it chang
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -281,6 +281,7 @@ class DistillLoss:
         self.state = DistillState(temperature=cfg.temperature)
         # The teacher's cached targets for the training pairs (None: not cached).
         self.targets: TeacherTargets | None = None
+        self._built_at = cfg.temperature  # the temperature `targets` were cached at
         self._pairs: tuple[Sequence[np.ndarray], Sequence[np.ndarray], int] | None = None
 
     def prepare(
@@ -315,6 +316,17 @@ class DistillLoss:
         self.targets = self._targets_of(
             inputs, targets, width, self.cfg.top_k, self.state.temperature
         )
+        self._built_at = self.state.temperature
+
+    def state_dict(self) -> dict[str, object]:
+        """The schedule and the sampler, for a resumed run (`compression.model.resume`)."""
+        return {"schedule": asdict(self.state), "generator": self._generator.get_state()}
+
+    def load_state_dict(self, saved: dict[str, object]) -> None:
+        self.state = DistillState(**saved["schedule"])  # type: ignore[arg-type]
+        self._generator.set_state(saved["generator"])  # type: ignore[arg-type]
+        if self.targets is not None and self._built_at != self.state.temperature:
+            self._build()  # the schedule had cooled the targets before the run was cut
 
     def combine(self, kl: Tensor, l2: Tensor, ce: Tensor, rank: Tensor | None) -> Tensor:
         """Sum over positions of the weighted per-position loss (see module docstring)."""

@@ -119,12 +119,12 @@ class NegativeSampler:
         self._q = torch.from_numpy(q)
         # Index 0 (padding) is never drawn; its entry only keeps ids and rows aligned.
         self.log_expected = torch.from_numpy(np.log(np.concatenate([[1.0], n * q]))).float()
-        self._generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)
 
     def sample(self, rows: int | None = None) -> Tensor:
         """`[n]` ids shared by a batch, or `[rows, n]`: `n` for each of `rows` positions."""
         count = self.n * (rows or 1)
-        drawn = torch.multinomial(self._q, count, replacement=True, generator=self._generator)
+        drawn = torch.multinomial(self._q, count, replacement=True, generator=self.generator)
         return (drawn + 1) if rows is None else (drawn + 1).reshape(rows, self.n)
 
 
@@ -212,6 +212,14 @@ def cloze_loss(mask_prob: float, seed: int = 0) -> LossFn:
         return full_softmax_ce(query, model.output_weight[1:], seq[masked] - 1)
 
     loss.sparse_embeddings = False  # type: ignore[attr-defined]
+    return with_generator_state(loss, generator)
+
+
+def with_generator_state(loss: LossFn, generator: torch.Generator) -> LossFn:
+    """`loss` with `state_dict` / `load_state_dict` for its random generator, so a resumed
+    run draws what the uninterrupted one would have (`compression.model.resume`)."""
+    loss.state_dict = lambda: {"generator": generator.get_state()}  # type: ignore[attr-defined]
+    loss.load_state_dict = lambda saved: generator.set_state(saved["generator"])  # type: ignore[attr-defined]
     return loss
 
 
@@ -252,4 +260,4 @@ def sasrec_loss(
         return sampled_softmax_ce(pos, neg, labels, drawn, log_q)
 
     loss.sparse_embeddings = sampler is not None  # type: ignore[attr-defined]
-    return loss
+    return loss if sampler is None else with_generator_state(loss, sampler.generator)

@@ -28,6 +28,15 @@ from compression.configs import ModelConfig, TrainConfig
 from compression.data.sequences import Split, pad_left
 from compression.evaluate.metrics import evaluate_model
 from compression.model.losses import LossFn, cloze_loss, sasrec_loss
+from compression.model.resume import (
+    ResumeAt,
+    fingerprint,
+    load_state,
+    numpy_state,
+    save_state,
+    set_numpy_state,
+    state_path,
+)
 from compression.model.sasrec import SASRec
 from model_store.checkpoint import stored_names
 from model_store.store import CHECKPOINT_FILE, LEGACY_CHECKPOINTS
@@ -150,13 +159,16 @@ def train(
     on_eval: EvalHook | None = None,
     input_len: int | None = None,
     init_model: SASRec | None = None,
+    resume: ResumeAt | None = None,
 ) -> TrainResult:
     """Train from scratch (or from a copy of `init_model`, e.g. a pruned model to fine-tune;
     its config must equal `model_cfg`); return the model with the best validation NDCG@10.
 
     `loss_fn(model, inputs, targets)` replaces the label cross-entropy (distillation);
     `on_eval(epoch, valid_metrics)` runs after every validation (adaptive schedules);
-    `input_len` feeds longer windows than the model reads (a teacher may need them).
+    `input_len` feeds longer windows than the model reads (a teacher may need them);
+    `resume` keeps the run's state after every epoch and continues a run that was cut
+    short (`compression.model.resume`; the caller removes the state once it published).
     """
     tune_allocator()
     if train_cfg.threads:
@@ -216,7 +228,47 @@ def train(
     history: list[dict[str, float]] = []
     started = time.perf_counter()
     stopped_by, epoch = "max_epochs", 0
-    for epoch in range(1, train_cfg.max_epochs + 1):
+    state_file, saved, first_epoch = None, None, 1
+    if resume is not None:
+        key = fingerprint(model_cfg, train_cfg, len(inputs), resume.key)
+        state_file = state_path(resume.folder, resume.name, key)
+        saved = load_state(state_file, log)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        if ema is not None:
+            ema.load_state_dict(saved["ema"])
+        for opt, opt_state in zip(optimizers, saved["optimizers"], strict=True):
+            opt.load_state_dict(opt_state)
+        if hasattr(loss_fn, "load_state_dict"):
+            loss_fn.load_state_dict(saved["loss"])
+        set_numpy_state(rng, saved["numpy_rng"])
+        torch.set_rng_state(saved["torch_rng"])
+        best_state, best_ndcg = saved["best_state"], saved["best_ndcg"]
+        best_epoch, best_valid = saved["best_epoch"], saved["best_valid"]
+        bad_evals, lr_decays = saved["bad_evals"], saved["lr_decays"]
+        history, first_epoch = saved["history"], saved["epoch"] + 1
+        started -= saved["elapsed_s"]
+        epoch = first_epoch - 1
+        log(f"resuming after epoch {epoch} of {train_cfg.max_epochs} from {state_file}")
+
+    def keep_state(stopped: str | None) -> None:
+        if state_file is None:
+            return
+        save_state(state_file, {
+            "epoch": epoch, "stopped_by": stopped, "model": model.state_dict(),
+            "ema": None if ema is None else ema.state_dict(),
+            "optimizers": [opt.state_dict() for opt in optimizers],
+            "loss": loss_fn.state_dict() if hasattr(loss_fn, "state_dict") else None,
+            "numpy_rng": numpy_state(rng), "torch_rng": torch.get_rng_state(),
+            "best_state": best_state, "best_ndcg": best_ndcg, "best_epoch": best_epoch,
+            "best_valid": best_valid, "bad_evals": bad_evals, "lr_decays": lr_decays,
+            "history": history, "elapsed_s": time.perf_counter() - started,
+        })  # fmt: skip
+
+    finished = saved is not None and saved["stopped_by"] is not None
+    if finished:
+        stopped_by = saved["stopped_by"]
+    for epoch in range(first_epoch, 0 if finished else train_cfg.max_epochs + 1):
         model.train()
         epoch_start = time.perf_counter()
         loss_sum, positions = 0.0, 0
@@ -284,6 +336,10 @@ def train(
         if train_cfg.time_limit_s and elapsed >= train_cfg.time_limit_s:
             stopped_by = "time_limit"
             break
+        keep_state(None)
+    if not finished:
+        # Also the finished run: publishing can still fail, and a rerun then only publishes.
+        keep_state(stopped_by)
     model.load_state_dict(best_state)
     model.item_emb.sparse = False
     model.to("cpu").eval()
