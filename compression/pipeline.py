@@ -309,8 +309,13 @@ def distill_student(
         targets_of = None
         if teacher.cfg.bidirectional:
             targets_of = _bidirectional_targets(teacher_manifest, folder, data.n_items, store)
+        elif recipe.distill.top_k is not None:
+            from compression.distill.targets_cache import stored_teacher_targets
+
+            sha = teacher_manifest.artifacts[checkpoint.name].sha256
+            targets_of = stored_teacher_targets(teacher, sha, store.root.parent / ".teacher-cache")
         distill_loss = DistillLoss(
-            recipe.distill, None if targets_of else teacher, teacher_ndcg,
+            recipe.distill, None if teacher.cfg.bidirectional else teacher, teacher_ndcg,
             targets_of=targets_of, negatives=_negatives(recipe), seed=recipe.train.seed,
         )  # fmt: skip
         loss_fn, on_eval = distill_loss, distill_loss.on_eval

@@ -10,10 +10,6 @@ again. Arrays are written with `np.save` and read with `allow_pickle=False`.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,23 +19,8 @@ import torch
 from compression.data.sequences import pad_left
 from compression.distill.external import ExternalTeacher
 from compression.distill.loss import TeacherTargets
+from compression.distill.targets_cache import cached_targets, targets_key
 from compression.evaluate.metrics import target_rank
-
-FIELDS = ("offsets", "top_ids", "top_logits", "lse", "rank")
-
-
-def _key(
-    teacher: ExternalTeacher,
-    inputs: Sequence[np.ndarray],
-    targets: Sequence[np.ndarray],
-    settings: dict[str, int | float],
-) -> str:
-    digest = hashlib.sha256(teacher.sha256.encode())
-    digest.update(teacher.join.columns.tobytes())
-    for x, y in zip(inputs, targets, strict=True):
-        digest.update(np.asarray(x, np.int64).tobytes() + b"|" + np.asarray(y, np.int64).tobytes())
-    digest.update(json.dumps(settings, sort_keys=True).encode())
-    return digest.hexdigest()[:32]
 
 
 def external_targets(
@@ -64,19 +45,10 @@ def external_targets(
     settings: dict[str, int | float] = {
         "width": width, "top_k": top_k, "T": temperature, "context": context,
     }  # fmt: skip
-    folder = cache_dir / _key(teacher, inputs, targets, settings)
-    if not all((folder / f"{name}.npy").is_file() for name in FIELDS):
-        _compute(teacher, inputs, targets, settings, folder, batch_size)
-    arrays = {
-        name: np.load(folder / f"{name}.npy", mmap_mode="c", allow_pickle=False) for name in FIELDS
-    }
-    return TeacherTargets(
-        np.asarray(arrays["offsets"]),
-        torch.from_numpy(arrays["top_ids"]),
-        torch.from_numpy(arrays["top_logits"]),
-        torch.from_numpy(arrays["lse"]),
-        torch.from_numpy(arrays["rank"]),
-        temperature,
+    who = teacher.sha256.encode() + teacher.join.columns.tobytes()
+    folder = cache_dir / targets_key(who, inputs, targets, settings)
+    return cached_targets(
+        folder, temperature, lambda: _compute(teacher, inputs, targets, settings, batch_size)
     )
 
 
@@ -85,9 +57,8 @@ def _compute(
     inputs: Sequence[np.ndarray],
     targets: Sequence[np.ndarray],
     settings: dict[str, int | float],
-    folder: Path,
     batch_size: int,
-) -> None:
+) -> TeacherTargets:
     width, top_k, context = int(settings["width"]), int(settings["top_k"]), int(settings["context"])
     temperature = float(settings["T"])
     seen = np.array([min(len(t), width) for t in targets])
@@ -120,13 +91,7 @@ def _compute(
         peak = known.max(axis=1, keepdims=True)
         out["lse"][rows] = peak[:, 0] + np.log(np.exp(known - peak).sum(axis=1))
         out["rank"][rows] = target_rank(scores, label)  # unknown to the teacher: last
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    for name, array in {"offsets": offsets, **out}.items():
-        np.save(tmp / f"{name}.npy", array, allow_pickle=False)
-    try:
-        tmp.rename(folder)  # whole or absent: a crash never leaves half a cache
-    except OSError:  # another run finished the same targets first: keep its copy
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not folder.is_dir():
-            raise
+    return TeacherTargets(
+        offsets, *(torch.from_numpy(out[k]) for k in ("top_ids", "top_logits", "lse", "rank")),
+        temperature,
+    )  # fmt: skip

@@ -97,3 +97,31 @@ def test_a_student_with_a_sampled_loss_also_samples_its_distillation(store_with_
     m = distill_student(recipe, store_with_teacher, progress=False, log=lambda _: None).manifest
     assert m.recipe["train"]["loss"] == "sampled-uniform"
     assert m.metrics["test_ndcg@10"] > m.metrics["popularity_test_ndcg@10"]
+
+
+def test_top_k_students_of_a_stored_teacher_share_its_cached_targets(
+    store_with_teacher, monkeypatch
+) -> None:
+    from compression.distill import targets_cache
+
+    calls: list[int] = []
+    real = targets_cache.teacher_targets
+
+    def counted(*args: object, **kw: object) -> object:
+        calls.append(1)
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(targets_cache, "teacher_targets", counted)
+    cache = store_with_teacher.root.parent / ".teacher-cache"
+    before = set(cache.iterdir()) if cache.is_dir() else set()
+    for seed in (0, 1):  # two students, other seeds, the same teacher and targets
+        recipe = StudentRecipe(
+            name=f"s-top-k-{seed}", teacher="t@latest",
+            model={"hidden": 8, "emb_dim": 4, "max_len": 8, "n_blocks": 1},
+            train={"max_epochs": 1, "lr": 5e-3, "seed": seed},
+            distill=DistillConfig(alpha=1.0, temperature=1.0, top_k=7),  # no other test's
+        )  # fmt: skip
+        distill_student(recipe, store_with_teacher, progress=False, log=lambda _: None)
+    assert calls == [1] and len(set(cache.iterdir()) - before) == 1
+    # Both published: no training state is left to resume.
+    assert not list((store_with_teacher.root.parent / ".train-state").glob("s-top-k-*"))
