@@ -312,8 +312,11 @@ def distill_student(
         elif recipe.distill.top_k is not None:
             from compression.distill.targets_cache import stored_teacher_targets
 
-            sha = teacher_manifest.artifacts[checkpoint.name].sha256
-            targets_of = stored_teacher_targets(teacher, sha, store.root.parent / ".teacher-cache")
+            targets_of = stored_teacher_targets(
+                teacher,
+                teacher_manifest.artifacts[checkpoint.name].sha256,
+                store.root.parent / ".teacher-cache",
+            )
         distill_loss = DistillLoss(
             recipe.distill, None if teacher.cfg.bidirectional else teacher, teacher_ndcg,
             targets_of=targets_of, negatives=_negatives(recipe), seed=recipe.train.seed,
@@ -325,8 +328,10 @@ def distill_student(
         f"{'labels only' if loss_fn is None else recipe.distill.strategy}"
         f"{'; starting from the teacher' if init_model is not None else ''}"
     )
+    # The teacher by its checkpoint's checksum: a retrained teacher may get the same name@1.
+    teacher_sha = teacher_manifest.artifacts[checkpoint.name].sha256
     distill = "labels" if recipe.distill is None else recipe.distill.model_dump_json()
-    resume = resume_at(store, recipe.name, f"{parent} {distill} init={recipe.init}")
+    resume = resume_at(store, recipe.name, f"{teacher_sha} {distill} init={recipe.init}")
     result = train(
         student_cfg,
         recipe.train,
@@ -436,9 +441,9 @@ def distill_from_external(
         negatives=_negatives(recipe), seed=recipe.train.seed,
     )  # fmt: skip
     student_cfg = recipe.model_config_for(data.n_items)
-    resume = resume_at(
-        store, recipe.name, f"{teacher.sha256} {context} {recipe.distill.model_dump_json()}"
-    )
+    items_sha = hashlib.sha256(teacher_items.read_bytes()).hexdigest()
+    what = [teacher.sha256, items_sha, str(context), data_spec.model_dump_json()]
+    resume = resume_at(store, recipe.name, " ".join([*what, recipe.distill.model_dump_json()]))
     result = train(
         student_cfg, recipe.train, split, loss_fn=loss, progress=progress, log=log,
         on_eval=loss.on_eval, input_len=max(context, student_cfg.max_len), resume=resume,
@@ -449,7 +454,7 @@ def distill_from_external(
         "file": teacher_onnx.name,
         "sha256": teacher.sha256,
         "items_file": teacher_items.name,
-        "items_sha256": hashlib.sha256(teacher_items.read_bytes()).hexdigest(),
+        "items_sha256": items_sha,
         "context": context,
         "unknown_items": len(teacher.join.unknown_to_teacher),
     }

@@ -24,6 +24,9 @@ from compression.distill.loss import TargetsFn, TeacherTargets, teacher_targets
 from compression.model.sasrec import SASRec
 
 FIELDS = ("offsets", "top_ids", "top_logits", "lse", "rank")
+# Part of every key: raise it when what the targets hold or how they are computed changes,
+# so no cache written by older code is read as current.
+TARGETS_VERSION = 1
 
 
 def targets_key(
@@ -37,7 +40,7 @@ def targets_key(
     digest = hashlib.sha256(teacher)
     for x, y in zip(inputs, targets, strict=True):
         digest.update(np.asarray(x, np.int64).tobytes() + b"|" + np.asarray(y, np.int64).tobytes())
-    digest.update(json.dumps(settings, sort_keys=True).encode())
+    digest.update(json.dumps({**settings, "version": TARGETS_VERSION}, sort_keys=True).encode())
     return digest.hexdigest()[:32]
 
 

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,16 +44,31 @@ class ResumeAt:
     key: str = ""
 
 
-def fingerprint(model_cfg: ModelConfig, train_cfg: TrainConfig, n_pairs: int, key: str) -> str:
+def fingerprint(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    n_pairs: int,
+    key: str,
+    init: torch.nn.Module | None = None,
+) -> str:
     """What a state file must match to be resumed: both configs (less the speed settings),
-    the number of training pairs and the caller's `key` (teacher and distillation)."""
+    the number of training pairs, the caller's `key` (teacher and distillation) and the
+    weights the run started from (`init`: a pruned model to fine-tune)."""
+    digest = hashlib.sha256()
     what = {
         "model": model_cfg.model_dump(),
         "train": train_cfg.model_dump(exclude=NOT_FINGERPRINTED),
         "pairs": n_pairs,
         "key": key,
+        "format": STATE_FORMAT,
     }
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+    digest.update(json.dumps(what, sort_keys=True).encode())
+    for name, tensor in (init.state_dict() if init is not None else {}).items():
+        plain = (
+            tensor.detach().cpu().to(torch.float32 if tensor.is_floating_point() else torch.int64)
+        )
+        digest.update(name.encode() + plain.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def state_path(folder: Path, name: str, print_: str) -> Path:
@@ -75,11 +91,19 @@ def set_numpy_state(rng: np.random.Generator, state: dict[str, Any]) -> None:
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
-    """Write atomically: a run killed while saving keeps the previous epoch's state."""
+    """Write atomically: a run killed (or a machine that died) while saving keeps the
+    previous epoch's state. The temporary file is unique, so two runs never share one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    torch.save({"format": STATE_FORMAT, **state}, partial)
-    os.replace(partial, path)
+    handle, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save({"format": STATE_FORMAT, **state}, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
 
 
 def load_state(path: Path, log: Callable[[str], None]) -> dict[str, Any] | None:
@@ -103,7 +127,7 @@ def remove_states(folder: Path, name: str) -> None:
     only those: `a-b-<fingerprint>.pt` belongs to run `a-b`, not to run `a`."""
     if not folder.is_dir():
         return
-    mine = re.compile(re.escape(name) + r"-[0-9a-f]{16}\.(pt|partial)")
+    mine = re.compile(re.escape(name) + r"-[0-9a-f]{16}\.pt")
     for path in folder.iterdir():
         if mine.fullmatch(path.name):
             path.unlink(missing_ok=True)

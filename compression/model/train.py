@@ -214,6 +214,7 @@ def train(
     if not inputs:
         raise ValueError("no user has 2+ training items; nothing to train on")
     lengths = np.array([len(x) for x in inputs])
+    started = time.perf_counter()  # the teacher's targets count in the run's time
     prepare = getattr(loss_fn, "prepare", None)
     if prepare is not None:
         started_prepare = time.perf_counter()
@@ -226,23 +227,14 @@ def train(
     best_state = copy.deepcopy(model.state_dict())
     best_ndcg, best_epoch, best_valid, bad_evals, lr_decays = -1.0, 0, {}, 0, 0
     history: list[dict[str, float]] = []
-    started = time.perf_counter()
     stopped_by, epoch = "max_epochs", 0
     state_file, saved, first_epoch = None, None, 1
     if resume is not None:
-        key = fingerprint(model_cfg, train_cfg, len(inputs), resume.key)
+        key = fingerprint(model_cfg, train_cfg, len(inputs), resume.key, init_model)
         state_file = state_path(resume.folder, resume.name, key)
         saved = load_state(state_file, log)
     if saved is not None:
-        model.load_state_dict(saved["model"])
-        if ema is not None:
-            ema.load_state_dict(saved["ema"])
-        for opt, opt_state in zip(optimizers, saved["optimizers"], strict=True):
-            opt.load_state_dict(opt_state)
-        if hasattr(loss_fn, "load_state_dict"):
-            loss_fn.load_state_dict(saved["loss"])
-        set_numpy_state(rng, saved["numpy_rng"])
-        torch.set_rng_state(saved["torch_rng"])
+        _restore(saved, state_file, model, ema, optimizers, loss_fn, rng, device)
         best_state, best_ndcg = saved["best_state"], saved["best_ndcg"]
         best_epoch, best_valid = saved["best_epoch"], saved["best_valid"]
         bad_evals, lr_decays = saved["bad_evals"], saved["lr_decays"]
@@ -250,6 +242,13 @@ def train(
         started -= saved["elapsed_s"]
         epoch = first_epoch - 1
         log(f"resuming after epoch {epoch} of {train_cfg.max_epochs} from {state_file}")
+        now = {"threads": torch.get_num_threads(), "bf16": use_bf16}
+        before = {k: saved.get(k) for k in now}
+        if now != before:
+            log(
+                f"resumed with {now} where the run had {before}: it continues, but its "
+                "weights will not be bit-identical to an uninterrupted run's"
+            )
 
     def keep_state(stopped: str | None) -> None:
         if state_file is None:
@@ -260,6 +259,8 @@ def train(
             "optimizers": [opt.state_dict() for opt in optimizers],
             "loss": loss_fn.state_dict() if hasattr(loss_fn, "state_dict") else None,
             "numpy_rng": numpy_state(rng), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "threads": torch.get_num_threads(), "bf16": use_bf16,
             "best_state": best_state, "best_ndcg": best_ndcg, "best_epoch": best_epoch,
             "best_valid": best_valid, "bad_evals": bad_evals, "lr_decays": lr_decays,
             "history": history, "elapsed_s": time.perf_counter() - started,
@@ -352,6 +353,37 @@ def train(
         history=history,
         stopped_by=stopped_by,
     )
+
+
+def _restore(
+    saved: dict[str, Any],
+    path: Path | None,
+    model: SASRec,
+    ema: AveragedModel | None,
+    optimizers: list[torch.optim.Optimizer],
+    loss_fn: Any,
+    rng: np.random.Generator,
+    device: torch.device,
+) -> None:
+    """Put a saved run's weights, optimizers, loss schedule and generators back in place."""
+    try:
+        model.load_state_dict(saved["model"])
+        if ema is not None:
+            ema.load_state_dict(saved["ema"])
+        for opt, opt_state in zip(optimizers, saved["optimizers"], strict=True):
+            opt.load_state_dict(opt_state)
+        if hasattr(loss_fn, "load_state_dict"):
+            loss_fn.load_state_dict(saved["loss"])
+        set_numpy_state(rng, saved["numpy_rng"])
+        torch.set_rng_state(saved["torch_rng"])
+        if device.type == "cuda" and saved.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(saved["cuda_rng"], device)
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        why = " ".join(str(exc).split())[:200]  # one line
+        raise ValueError(
+            f"training state {path} does not fit this run ({why}); delete it to start the "
+            "run over"
+        ) from None
 
 
 def _optimizers(model: SASRec, lr: float, sparse: bool) -> list[torch.optim.Optimizer]:

@@ -8,13 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from compression.configs import DistillConfig, ModelConfig, TeacherRecipe, TrainConfig
+from compression.configs import (
+    DistillConfig,
+    ModelConfig,
+    StudentRecipe,
+    TeacherRecipe,
+    TrainConfig,
+)
 from compression.data.sequences import Split, leave_one_out
 from compression.data.synthetic import SyntheticConfig, synthetic_dataset
 from compression.distill.loss import DistillLoss
 from compression.model.resume import ResumeAt, remove_states
 from compression.model.train import train
-from compression.pipeline import train_teacher
+from compression.pipeline import distill_student, train_teacher
 from model_store.store import ModelStore
 
 
@@ -116,10 +122,71 @@ def test_an_unreadable_state_is_ignored_with_a_reason(tmp_path: Path) -> None:
 
 
 def test_remove_states_keeps_other_runs(tmp_path: Path) -> None:
-    for name in ("a-0123456789abcdef.pt", "a-b-0123456789abcdef.pt", "a-0123456789abcdef.partial"):
+    names = ("a-0123456789abcdef.pt", "a-b-0123456789abcdef.pt", ".a-0123456789abcdef.pt.x.tmp")
+    for name in names:
         (tmp_path / name).write_bytes(b"")
-    remove_states(tmp_path, "a")
-    assert [p.name for p in tmp_path.iterdir()] == ["a-b-0123456789abcdef.pt"]
+    remove_states(tmp_path, "a")  # another run's file being written is not its to remove
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
+
+
+def test_a_run_cut_after_lr_decays_and_early_stopping_resumes_exactly(tmp_path: Path) -> None:
+    cfg = {"max_epochs": 14, "patience": 2, "lr_decay_patience": 1, "max_lr_decays": 2}
+    straight, lines = _run(_train_cfg(**cfg), None, tmp_path / "a")
+    decays = [i for i, line in enumerate(lines) if line.startswith("validation stalled")]
+    assert len(decays) == 2 and straight.stopped_by == "early_stopping"
+    cut_at = int(lines[decays[0] + 1][6:9])  # the epoch after the first decay
+    with pytest.raises(Cut):
+        _run(_train_cfg(**cfg), None, tmp_path / "b", cut_at=cut_at)
+    resumed, lines = _run(_train_cfg(**cfg), None, tmp_path / "b")
+    assert lines[0].startswith(f"resuming after epoch {cut_at - 1}")
+    assert (resumed.stopped_by, resumed.epochs_run) == ("early_stopping", straight.epochs_run)
+    assert resumed.best_epoch == straight.best_epoch
+    for key, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
+def test_other_threads_resume_with_a_warning(tmp_path: Path) -> None:
+    with pytest.raises(Cut):
+        _run(_train_cfg(), None, tmp_path, cut_at=2)
+    _, lines = _run(_train_cfg(threads=2), None, tmp_path)
+    assert any("will not be bit-identical" in line for line in lines)
+
+
+def test_a_state_that_does_not_fit_names_the_file_and_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(Cut):
+        _run(_train_cfg(), None, tmp_path, cut_at=2)
+    (path,) = tmp_path.glob("run-*.pt")
+    state = torch.load(path, weights_only=True)
+    state["model"] = {"nothing": torch.zeros(1)}  # e.g. code that changed the model's layout
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"does not fit this run .*delete it to start"):
+        _run(_train_cfg(), None, tmp_path)
+
+
+def test_a_cut_student_resumes_through_the_pipeline(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "models")
+    data = "synthetic:users=60,items=30,max_len=10,min_len=4"
+    teacher = TeacherRecipe(
+        name="t", data={"path": data}, model={"hidden": 8, "max_len": 10},
+        train={"max_epochs": 2, "lr": 1e-2},
+    )  # fmt: skip
+    train_teacher(teacher, store, progress=False, log=lambda _: None)
+    student = StudentRecipe(
+        name="s", teacher="t@1", model={"hidden": 8, "max_len": 6, "n_blocks": 1},
+        train={"max_epochs": 3, "lr": 1e-2}, distill=DistillConfig(top_k=5),
+    )  # fmt: skip
+
+    def cut(line: str) -> None:
+        if line.startswith("epoch   2"):
+            raise Cut
+
+    with pytest.raises(Cut):
+        distill_student(student, store, progress=False, log=cut)
+    lines: list[str] = []
+    m = distill_student(student, store, progress=False, log=lines.append).manifest
+    assert any(line.startswith("resuming after epoch 1 of 3") for line in lines)
+    assert m.metrics["epochs"] == 3.0 and m.name == "s"
+    assert list((tmp_path / ".train-state").iterdir()) == []
 
 
 def test_a_published_teacher_leaves_no_state(tmp_path: Path) -> None:
