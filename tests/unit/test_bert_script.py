@@ -1,0 +1,54 @@
+"""benchmarks/bert_teachers.sh: every teacher before its student, the same student recipe
+for both teacher kinds, recipes that exist, and a rerun that trains nothing published."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from tests.conftest import REPO_ROOT
+
+FAKE_RECSYS = """#!/usr/bin/env bash
+echo "recsys $*" >> "$CALLS"
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --recipe) [[ -f "$2" ]] || { echo "no recipe $2" >&2; exit 2; } ;;
+    --teacher) [[ -d "$RECSYS_STORE/${2%@latest}" ]] || { echo "no teacher $2" >&2; exit 2; } ;;
+    --name) mkdir -p "$RECSYS_STORE/$2" ;;
+  esac
+  shift
+done
+"""
+
+
+def _run(tmp_path: Path) -> list[str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in {"recsys": FAKE_RECSYS, "python": 'echo "python $*" >> "$CALLS"\n'}.items():
+        (bin_dir / name).write_text(body if body.startswith("#!") else "#!/bin/sh\n" + body)
+        (bin_dir / name).chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    calls.unlink(missing_ok=True)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls),
+           "RECSYS_STORE": str(tmp_path / "store")}  # fmt: skip
+    subprocess.run(
+        ["bash", "benchmarks/bert_teachers.sh", "0", "1"], cwd=REPO_ROOT, env=env, check=True,
+        capture_output=True, text=True,
+    )  # fmt: skip
+    return calls.read_text().splitlines()
+
+
+def test_bert_script_trains_each_family_once(tmp_path: Path) -> None:
+    calls = _run(tmp_path)
+    trained = [c.split("--name ")[1].split()[0] for c in calls if c.startswith("recsys")]
+    expected = {f"{s}-{kind}{role}-s{seed}" for s in ("ml1m", "beauty") for seed in (0, 1)
+                for kind in ("", "bert-") for role in ("teacher", "student")}  # fmt: skip
+    assert sorted(trained) == sorted(expected)  # each once, teachers first (fake checks)
+    for set_ in ("ml1m", "beauty"):
+        students = [c for c in calls if f"--name {set_}-" in c and c.startswith("recsys distill")]
+        recipes = {c.split("--recipe ")[1].split()[0] for c in students}
+        assert recipes == {f"recipes/{set_}-student.toml"}  # one student recipe, both teachers
+    tables = [c for c in calls if c.startswith("python benchmarks/headline.py")]
+    assert len(tables) == 4
+    assert not [c for c in _run(tmp_path) if c.startswith("recsys")]  # all published: none
