@@ -381,8 +381,7 @@ def _restore(
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         why = " ".join(str(exc).split())[:200]  # one line
         raise ValueError(
-            f"training state {path} does not fit this run ({why}); delete it to start the "
-            "run over"
+            f"training state {path} does not fit this run ({why}); delete it to start the run over"
         ) from None
 
 

@@ -7,6 +7,8 @@ from functools import cache
 from pathlib import Path
 
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+# The flags that change this project's numbers: bf16 training speed, int8 kernels.
+RESULT_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
 
 
 def x86_flags(cpuinfo: str) -> frozenset[str]:
@@ -44,3 +46,18 @@ def int8_needs_reduce_range() -> bool:
     info = Path("/proc/cpuinfo")
     flags = x86_flags(info.read_text()) if info.is_file() else None
     return u8s8_saturates(platform.machine(), flags or None)
+
+
+def cpu_summary(cpuinfo: str | None = None) -> dict[str, object]:
+    """The CPU model and which of `RESULT_FLAGS` it has, for result reports (the machine
+    kind varies between runs; AVX-512 BF16 and VNNI change timings and int8 scores)."""
+    if cpuinfo is None:
+        info = Path("/proc/cpuinfo")
+        cpuinfo = info.read_text() if info.is_file() else ""
+    model = next(
+        (line.partition(":")[2].strip() for line in cpuinfo.splitlines()
+         if line.partition(":")[0].strip() == "model name"),
+        platform.processor() or platform.machine(),
+    )  # fmt: skip
+    flags = x86_flags(cpuinfo)
+    return {"model": model, "flags": [f for f in RESULT_FLAGS if f in flags]}

@@ -39,6 +39,7 @@ import numpy as np
 from compression.data.sequences import pad_left
 from compression.evaluate.metrics import Scorer, score_all, top_k_agreement
 from compression.export.exporter import INPUT_NAME, OUTPUT_NAME
+from compression.quantize.cpu_int8 import RESULT_FLAGS, cpu_summary
 from model_store.manifest import Manifest
 from model_store.runtime import ort_session
 from model_store.store import ModelStore, StoreError
@@ -477,6 +478,7 @@ def compare_family(
             "cpu_count": os.cpu_count(),
             "machine": platform.machine(),
             "processor": platform.processor() or platform.machine(),
+            "cpu": cpu_summary(),
             "python": platform.python_version(),
             "warmup_runs": warmup,
             "allow_spinning": False,
@@ -489,6 +491,13 @@ def compare_family(
         pareto_batch_size=pareto_bs,
         best=fastest_keeping(results, pareto_bs),
     )
+
+
+def _cpu_text(environment: dict[str, Any]) -> str:
+    cpu = environment.get("cpu")  # reports written before it was recorded have none
+    if not cpu:
+        return "model and flags not recorded"
+    return f"{cpu['model']}, flags: {' '.join(cpu['flags']) or 'none of ' + ' '.join(RESULT_FLAGS)}"
 
 
 def mark_pareto(variants: Sequence[VariantResult]) -> None:
@@ -550,7 +559,7 @@ def render_markdown(report: Report) -> str:
         f"{report.threads} intra-op threads, batch sizes {', '.join(map(str, b))}, timed runs "
         f"{reps}, {_order(report)}, real test histories padded to each model's "
         f"max_len. {report.created_at}, ONNX Runtime {report.environment['onnxruntime']}, "
-        f"{report.environment['cpu_count']} CPUs.",
+        f"{report.environment['cpu_count']} CPUs ({_cpu_text(report.environment)}).",
         "",
     ]
     head = ["variant", "kind", "precision", "params", "ONNX size", "HR@10", "NDCG@10",

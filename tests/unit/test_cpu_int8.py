@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compression.quantize.cpu_int8 import u8s8_saturates, x86_flags
+from compression.quantize.cpu_int8 import cpu_summary, u8s8_saturates, x86_flags
 from compression.quantize.item_matrix import quantize_rows
 
 AVX2_EPYC = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n"
@@ -44,3 +44,9 @@ def test_seven_bit_rows_fit_the_unsaturated_range() -> None:
         assert scale[0] == 1.0 and not q[0].any()
     with pytest.raises(ValueError, match="bits=6"):
         quantize_rows(m, 6)
+
+
+def test_cpu_summary_names_the_model_and_the_flags_that_change_results() -> None:
+    assert cpu_summary(AVX2_EPYC) == {"model": "AMD EPYC", "flags": ["avx2"]}
+    xeon = cpu_summary(VNNI_XEON)
+    assert xeon["flags"] == ["avx2", "avx512f", "avx512_vnni"] and xeon["model"]

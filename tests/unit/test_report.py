@@ -229,6 +229,10 @@ def test_write_report_writes_json_markdown_and_png(tmp_path: Path) -> None:
     assert [line.count("★") for line in table[2:]] == [1, 1, 1, 0]
     assert "keeping ≥ 97% of the teacher's NDCG@10: **good@1**" in md
     assert "it meets the ≥ 10x target" in md and "old@1 (no model.onnx)" in md
+    assert "2 CPUs (model and flags not recorded)" in md  # a report from before they were
+    report.environment["cpu"] = {"model": "AMD EPYC", "flags": ["avx2", "avx512_vnni"]}
+    md = write_report(report, tmp_path / "out2", "cmp")["md"].read_text()
+    assert "2 CPUs (AMD EPYC, flags: avx2 avx512_vnni)" in md
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
