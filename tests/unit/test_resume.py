@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,7 +19,13 @@ from compression.configs import (
 from compression.data.sequences import Split, leave_one_out
 from compression.data.synthetic import SyntheticConfig, synthetic_dataset
 from compression.distill.loss import DistillLoss
-from compression.model.resume import ResumeAt, remove_states
+from compression.model.resume import (
+    STATE_FORMAT,
+    ResumeAt,
+    load_state,
+    remove_states,
+    save_state,
+)
 from compression.model.train import train
 from compression.pipeline import distill_student, train_teacher
 from model_store.store import ModelStore
@@ -121,6 +128,28 @@ def test_an_unreadable_state_is_ignored_with_a_reason(tmp_path: Path) -> None:
     assert next(line[:9] for line in lines if line.startswith("epoch")) == "epoch   1"
 
 
+def test_the_state_round_trips_every_kind_of_value(tmp_path: Path) -> None:
+    state = {
+        "optimizer": {"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [
+            {"lr": 1e-3, "betas": (0.9, 0.98), "params": [0], "foreach": None}]},
+        "numpy": np.random.default_rng(7).bit_generator.state,  # 128-bit integers
+        "generator": torch.Generator().manual_seed(1).get_state(),
+        "bf16": torch.ones(2, dtype=torch.bfloat16), "history": [{"epoch": 1, "loss": 0.5}],
+        "nan": float("nan"), "events": ["epoch 2: stalled"],
+    }  # fmt: skip
+    save_state(tmp_path / "s.pt", state)
+    back = load_state(tmp_path / "s.pt", print)
+    assert back is not None and back.pop("format") == STATE_FORMAT
+    assert back["optimizer"]["state"][0]["step"].item() == 3.0  # int keys stay ints
+    assert back["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.98)  # tuples stay tuples
+    assert back["numpy"] == state["numpy"] and back["history"] == state["history"]
+    assert torch.equal(back["generator"], state["generator"])
+    assert back["bf16"].dtype == torch.bfloat16 and back["nan"] != back["nan"]
+    assert back["events"] == ["epoch 2: stalled"]
+    # Not a pickle anywhere: the file is safetensors, its header JSON.
+    assert (tmp_path / "s.pt").read_bytes()[8:9] == b"{"
+
+
 def test_remove_states_keeps_other_runs(tmp_path: Path) -> None:
     names = ("a-0123456789abcdef.pt", "a-b-0123456789abcdef.pt", ".a-0123456789abcdef.pt.x.tmp")
     for name in names:
@@ -156,9 +185,10 @@ def test_a_state_that_does_not_fit_names_the_file_and_the_fix(tmp_path: Path) ->
     with pytest.raises(Cut):
         _run(_train_cfg(), None, tmp_path, cut_at=2)
     (path,) = tmp_path.glob("run-*.pt")
-    state = torch.load(path, weights_only=True)
+    state = load_state(path, print)
+    assert state is not None
     state["model"] = {"nothing": torch.zeros(1)}  # e.g. code that changed the model's layout
-    torch.save(state, path)
+    save_state(path, {k: v for k, v in state.items() if k != "format"})
     with pytest.raises(ValueError, match=r"does not fit this run .*delete it to start"):
         _run(_train_cfg(), None, tmp_path)
 
