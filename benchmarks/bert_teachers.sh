@@ -10,16 +10,8 @@
 # jobs side by side; then benchmarks/headline.py writes a table per teacher kind and data set.
 #
 #   RECSYS_STORE=/path/to/models bash benchmarks/bert_teachers.sh [SEEDS...]   # default 0 1 2
-set -euo pipefail
-cd "$(dirname "$0")/.."
-. benchmarks/frozen.sh  # commit first: the jobs run HEAD's code, whatever changes meanwhile
-: "${RECSYS_STORE:?set RECSYS_STORE to the store folder}"
-export OMP_NUM_THREADS=1
-SEEDS=("${@:-0 1 2}")
-read -r -a SEEDS <<<"${SEEDS[*]}"
 LOGS=benchmarks/results/bert-teachers
-mkdir -p "$RECSYS_STORE" "$LOGS"
-have() { [[ -d "$RECSYS_STORE/$1" ]]; }
+. "$(dirname "$0")/long_run.sh"  # commit first: the jobs run HEAD's code
 teacher() {  # teacher NAME RECIPE SEED
   have "$1" || recsys train --recipe "$2" --seed "$3" --name "$1" --no-progress >>"$LOGS/$1.log" 2>&1
 }
@@ -39,15 +31,7 @@ family() {  # family SET SEED
   teacher "$set-bert-teacher-s$s" "recipes/experiments/$set-bert-teacher.toml" "$s"
   student "$set-bert-student-s$s" "recipes/$set-student.toml" "$set-bert-teacher-s$s" "$s"
 }
-running=0
-for set in beauty ml1m; do
-  for seed in "${SEEDS[@]}"; do
-    family "$set" "$seed" &
-    running=$((running + 1))
-    if ((running == 2)); then wait -n; running=$((running - 1)); fi
-  done
-done
-wait
+two_at_a_time family "${SEEDS[@]/#/beauty }" "${SEEDS[@]/#/ml1m }"
 for set in beauty ml1m; do
   for kind in "" "bert-"; do
     python benchmarks/headline.py --store "$RECSYS_STORE" --seeds "${SEEDS[@]}" \

@@ -1,11 +1,14 @@
-"""benchmarks/bert_teachers.sh: every teacher before its student, the same student recipe
-for both teacher kinds, recipes that exist, and a rerun that trains nothing published."""
+"""The long benchmark scripts (benchmarks/*.sh, through benchmarks/long_run.sh), run with a
+fake `recsys` that checks every recipe exists and every teacher is published before its
+student: each model trained once, and a rerun trains nothing already published."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import REPO_ROOT
 
@@ -22,7 +25,7 @@ done
 """
 
 
-def _run(tmp_path: Path) -> list[str]:
+def _run(tmp_path: Path, script: str = "bert_teachers.sh") -> list[str]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     for name, body in {"recsys": FAKE_RECSYS, "python": 'echo "python $*" >> "$CALLS"\n'}.items():
@@ -33,7 +36,7 @@ def _run(tmp_path: Path) -> list[str]:
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls),
            "RECSYS_STORE": str(tmp_path / "store")}  # fmt: skip
     subprocess.run(
-        ["bash", "benchmarks/bert_teachers.sh", "0", "1"], cwd=REPO_ROOT, env=env, check=True,
+        ["bash", f"benchmarks/{script}", "0", "1"], cwd=REPO_ROOT, env=env, check=True,
         capture_output=True, text=True,
     )  # fmt: skip
     return calls.read_text().splitlines()
@@ -52,3 +55,21 @@ def test_bert_script_trains_each_family_once(tmp_path: Path) -> None:
     tables = [c for c in calls if c.startswith("python benchmarks/headline.py")]
     assert len(tables) == 4
     assert not [c for c in _run(tmp_path) if c.startswith("recsys")]  # all published: none
+
+
+@pytest.mark.parametrize(
+    ("script", "names"),
+    [
+        ("headline_seeds.sh", ["ml1m-teacher-s{s}", "ml1m-student-s{s}", "ml1m-student-s{s}-int8",
+                               "ml1m-student-s{s}-int4", "ml1m-student-s{s}-qat-int4"]),
+        ("loss_quality.sh", [f"{d}-teacher-{loss}-s{{s}}" for d in ("yelp", "sports")
+                             for loss in ("full", "sampled")]),
+        ("large_student.sh", ["synthetic-100k-teacher-s{s}", "synthetic-100k-student-s{s}"]),
+    ],
+)  # fmt: skip
+def test_each_script_trains_each_model_once(script: str, names: list[str], tmp_path: Path) -> None:
+    calls = _run(tmp_path, script)
+    made = [c.split("--name ")[1].split()[0] for c in calls if c.startswith("recsys")]
+    assert sorted(made) == sorted(n.format(s=s) for n in names for s in (0, 1))
+    assert [c for c in calls if c.startswith("python benchmarks/")]  # its table
+    assert not [c for c in _run(tmp_path, script) if c.startswith("recsys")]
