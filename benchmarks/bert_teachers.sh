@@ -10,7 +10,7 @@
 # jobs side by side; then benchmarks/headline.py writes a table per teacher kind and data set.
 #
 #   RECSYS_STORE=/path/to/models bash benchmarks/bert_teachers.sh [SEEDS...]   # default 0 1 2
-LOGS=benchmarks/results/bert-teachers
+LOGS="${BENCH_LOGS:-benchmarks/results/bert-teachers}"
 . "$(dirname "$0")/long_run.sh"  # commit first: the jobs run HEAD's code
 teacher() {  # teacher NAME RECIPE SEED
   have "$1" || recsys train --recipe "$2" --seed "$3" --name "$1" --no-progress >>"$LOGS/$1.log" 2>&1

@@ -9,7 +9,7 @@
 #
 # About 4 CPU-hours on a 2-core AVX-512 BF16 machine (teacher ~40 min on 2 threads, student
 # ~62 min on one); a CPU without native bf16 takes longer for the same epochs.
-LOGS=benchmarks/results/headline-ml1m
+LOGS="${BENCH_LOGS:-benchmarks/results/headline-ml1m}"
 . "$(dirname "$0")/long_run.sh"  # commit first: the jobs run HEAD's code
 teacher() {
   have "ml1m-teacher-s$1" || recsys train --recipe recipes/ml1m-teacher.toml --seed "$1" \

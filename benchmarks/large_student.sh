@@ -6,7 +6,7 @@
 # cut short resume, so a rerun continues. Two families side by side, one thread each.
 #
 #   RECSYS_STORE=/path/to/models bash benchmarks/large_student.sh [SEEDS...]   # default 0 1 2
-LOGS=benchmarks/results/large-student
+LOGS="${BENCH_LOGS:-benchmarks/results/large-student}"
 . "$(dirname "$0")/long_run.sh"  # commit first: the jobs run HEAD's code
 family() {
   local t="synthetic-100k-teacher-s$1" s="synthetic-100k-student-s$1"

@@ -1,6 +1,7 @@
 # Sourced by the long benchmark scripts (headline_seeds.sh, loss_quality.sh, large_student.sh,
 # bert_teachers.sh) for what they share:
-#   LOGS=benchmarks/results/<name>; . "$(dirname "$0")/long_run.sh"   # the script's "$@" = seeds
+#   LOGS="${BENCH_LOGS:-benchmarks/results/<name>}"; . "$(dirname "$0")/long_run.sh"
+# (the script's "$@" are the seeds; BENCH_LOGS sends its logs and tables elsewhere)
 # - Their Python runs from a snapshot of HEAD, so edits to the working tree during hours of
 #   training cannot reach the running jobs (three 2-hour students died at publishing when the
 #   exporter changed under them, 2026-12-06). Commit first.

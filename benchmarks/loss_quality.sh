@@ -5,7 +5,7 @@
 # Two trainings side by side, one thread each.
 #
 #   RECSYS_STORE=/path/to/models bash benchmarks/loss_quality.sh [SEEDS...]   # default 0 1 2
-LOGS=benchmarks/results/loss-quality
+LOGS="${BENCH_LOGS:-benchmarks/results/loss-quality}"
 . "$(dirname "$0")/long_run.sh"  # commit first: the jobs run HEAD's code
 run() {  # run SET LOSS SEED
   local name="$1-teacher-$2-s$3"

@@ -34,11 +34,15 @@ def _run(tmp_path: Path, script: str = "bert_teachers.sh") -> list[str]:
     calls = tmp_path / "calls.txt"
     calls.unlink(missing_ok=True)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls),
-           "RECSYS_STORE": str(tmp_path / "store")}  # fmt: skip
+           "RECSYS_STORE": str(tmp_path / "store"),
+           "BENCH_LOGS": str(tmp_path / "logs")}  # fmt: skip
+    results = REPO_ROOT / "benchmarks" / "results"
+    before = sorted(results.rglob("*"))
     subprocess.run(
         ["bash", f"benchmarks/{script}", "0", "1"], cwd=REPO_ROOT, env=env, check=True,
         capture_output=True, text=True,
     )  # fmt: skip
+    assert sorted(results.rglob("*")) == before  # nothing written into the source tree
     return calls.read_text().splitlines()
 
 
@@ -73,3 +77,12 @@ def test_each_script_trains_each_model_once(script: str, names: list[str], tmp_p
     assert sorted(made) == sorted(n.format(s=s) for n in names for s in (0, 1))
     assert [c for c in calls if c.startswith("python benchmarks/")]  # its table
     assert not [c for c in _run(tmp_path, script) if c.startswith("recsys")]
+
+
+def test_the_external_family_trains_the_foreign_teacher_then_builds(tmp_path: Path) -> None:
+    calls = _run(tmp_path, "external_family.sh")
+    assert calls[0].startswith("python benchmarks/foreign_teacher.py ../shared/data/ml-1m/")
+    assert f"--out {tmp_path / 'logs'}" in calls[0]
+    assert calls[1].startswith("recsys build --recipe recipes/experiments/ml1m-external.toml")
+    (tmp_path / "logs" / "teacher.onnx").write_bytes(b"")  # written: not trained again
+    assert [c.split()[:2] for c in _run(tmp_path, "external_family.sh")] == [["recsys", "build"]]
