@@ -1,5 +1,6 @@
 """Sampled vs full softmax on the same epoch budget (issue 25's quality check), from a store:
-per data set, the full-softmax teachers `<set>-teacher-full-s<seed>` and the sampled ones
+per data set, the full-softmax teachers `<set>-teacher-full-s<seed>` (or the data set's
+standard teachers `<set>-teacher-s<seed>`) and the sampled ones
 `<set>-teacher-sampled-s<seed>`, as mean ± sd over seeds of test NDCG@10 / HR@10 and seconds
 per epoch, and the sampled loss's share of the full one's NDCG@10 (the bar: 98%).
 
@@ -36,6 +37,15 @@ def run_row(store: ModelStore, name: str) -> dict[str, float] | None:
     }
 
 
+def _run_of(store: ModelStore, data_set: str, loss: str, seed: int) -> dict[str, float] | None:
+    """`<set>-teacher-<loss>-s<seed>`; for the full softmax also the data set's standard
+    teacher `<set>-teacher-s<seed>` (ML-1M's headline teachers are full-softmax ones)."""
+    found = run_row(store, f"{data_set}-teacher-{loss}-s{seed}")
+    if found is None and loss == "full":
+        found = run_row(store, f"{data_set}-teacher-s{seed}")
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", required=True)
@@ -54,7 +64,7 @@ def main() -> None:
             loss: [
                 r
                 for seed in args.seeds
-                if (r := run_row(store, f"{data_set}-teacher-{loss}-s{seed}")) is not None
+                if (r := _run_of(store, data_set, loss, seed)) is not None
             ]
             for loss in LOSSES
         }

@@ -44,11 +44,13 @@ def test_loss_quality_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         publish_tiny(store, f"yelp-teacher-full-s{seed}", seed=seed, metrics=timing)  # 0.2
         sampled = {**timing, "test_ndcg@10": 0.196, "train_wall_s": 20.0}
         publish_tiny(store, f"yelp-teacher-sampled-s{seed}", seed=seed, metrics=sampled)
+        # ML-1M's full-softmax teachers are the headline ones, without "-full" in the name
+        publish_tiny(store, f"ml1m-teacher-s{seed}", seed=seed, metrics=timing)
     monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
     import loss_quality
 
     out = tmp_path / "out"
-    argv = ["loss_quality.py", "--store", str(store.root), "--sets", "yelp", "sports",
+    argv = ["loss_quality.py", "--store", str(store.root), "--sets", "yelp", "sports", "ml1m",
             "--seeds", "0", "1", "--out", str(out)]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
     loss_quality.main()
@@ -56,3 +58,4 @@ def test_loss_quality_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert "| yelp | sampled | 2 | 0.1960 ± 0.0000 | 0.3000 ± 0.0000 | 2.0 | 98.0% |" in table
     assert "| yelp | full | 2 | 0.2000 ± 0.0000 | 0.3000 ± 0.0000 | 5.0 | 100.0% |" in table
     assert "| sports | full | missing |" in table
+    assert "| ml1m | full | 2 | 0.2000 ± 0.0000 |" in table

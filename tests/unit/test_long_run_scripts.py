@@ -67,7 +67,7 @@ def test_bert_script_trains_each_family_once(tmp_path: Path) -> None:
         ("headline_seeds.sh", ["ml1m-teacher-s{s}", "ml1m-student-s{s}", "ml1m-student-s{s}-int8",
                                "ml1m-student-s{s}-int4", "ml1m-student-s{s}-qat-int4"]),
         ("loss_quality.sh", [f"{d}-teacher-{loss}-s{{s}}" for d in ("yelp", "sports")
-                             for loss in ("full", "sampled")]),
+                             for loss in ("full", "sampled")] + ["ml1m-teacher-sampled-s{s}"]),
         ("large_student.sh", ["synthetic-100k-teacher-s{s}", "synthetic-100k-student-s{s}"]),
     ],
 )  # fmt: skip
