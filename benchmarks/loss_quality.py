@@ -62,9 +62,7 @@ def main() -> None:
     for data_set in args.sets:
         runs = {
             loss: [
-                r
-                for seed in args.seeds
-                if (r := _run_of(store, data_set, loss, seed)) is not None
+                r for seed in args.seeds if (r := _run_of(store, data_set, loss, seed)) is not None
             ]
             for loss in LOSSES
         }
