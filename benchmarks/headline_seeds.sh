@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The headline over seeds: for each seed a teacher (recipes/ml1m-teacher.toml, 53 epochs), the
 # 3/16 student distilled from it (recipes/ml1m-student.toml, 68 epochs), the student's INT8
-# (item rows + dynamic), int4 and QAT int4 (4 epochs), and the teacher's INT8 at 50 items;
+# (item rows + dynamic), int4 and QAT int4 (3 epochs), and the teacher's INT8 at 50 items;
 # models already in the store are kept and trainings cut short resume.
 # Two jobs run side by side, one thread each. Then benchmarks/headline.py writes the table.
 #
@@ -24,7 +24,7 @@ student() {
   have "ml1m-student-s$1-int4" || recsys quantize "ml1m-student-s$1@latest" --mode int4 \
     --name "ml1m-student-s$1-int4"
   have "ml1m-student-s$1-qat-int4" || recsys quantize "ml1m-student-s$1@latest" --mode int4 \
-    --qat-epochs 4 --name "ml1m-student-s$1-qat-int4" >>"$LOGS/qat-s$1.log" 2>&1
+    --qat-epochs 3 --name "ml1m-student-s$1-qat-int4" >>"$LOGS/qat-s$1.log" 2>&1
 }
 teacher_ctx50() {  # the teacher's INT8 (item rows + dynamic) reading its last 50 items
   have "ml1m-teacher-s$1-int8-ctx50" || python - "$1" <<'PY'
