@@ -68,7 +68,8 @@ def test_bert_script_trains_each_family_once(tmp_path: Path) -> None:
                                "ml1m-student-s{s}-int4", "ml1m-student-s{s}-qat-int4"]),
         ("loss_quality.sh", [f"{d}-teacher-{loss}-s{{s}}" for d in ("yelp", "sports")
                              for loss in ("full", "sampled")] + ["ml1m-teacher-sampled-s{s}"]),
-        ("large_student.sh", ["synthetic-100k-teacher-s{s}", "synthetic-100k-student-s{s}"]),
+        ("large_student.sh", ["synthetic-100k-teacher-s{s}", "synthetic-100k-student-s{s}",
+                              "yelp-teacher-full-s{s}", "yelp-student-s{s}"]),
     ],
 )  # fmt: skip
 def test_each_script_trains_each_model_once(script: str, names: list[str], tmp_path: Path) -> None:
