@@ -42,7 +42,7 @@ def test_loss_quality_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     for seed in (0, 1):
         timing = {"epochs": 10.0, "train_wall_s": 50.0}
         publish_tiny(store, f"yelp-teacher-full-s{seed}", seed=seed, metrics=timing)  # 0.2
-        sampled = {**timing, "test_ndcg@10": 0.196, "train_wall_s": 20.0}
+        sampled = {**timing, "test_ndcg@10": 0.196 + 0.002 * seed, "train_wall_s": 20.0}
         publish_tiny(store, f"yelp-teacher-sampled-s{seed}", seed=seed, metrics=sampled)
         # ML-1M's full-softmax teachers are the headline ones, without "-full" in the name
         publish_tiny(store, f"ml1m-teacher-s{seed}", seed=seed, metrics=timing)
@@ -55,7 +55,14 @@ def test_loss_quality_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(sys, "argv", argv)
     loss_quality.main()
     table = (out / "loss-quality.md").read_text()
-    assert "| yelp | sampled | 2 | 0.1960 ± 0.0000 | 0.3000 ± 0.0000 | 2.0 | 98.0% |" in table
-    assert "| yelp | full | 2 | 0.2000 ± 0.0000 | 0.3000 ± 0.0000 | 5.0 | 100.0% |" in table
+    # the share seed by seed (0.98, 0.99), as mean ± sd
+    assert (
+        "| yelp | sampled | 2 | 0.1970 ± 0.0014 | 0.3000 ± 0.0000 | 2.0 | 98.5% ± 0.7% (2 pairs) |"
+        in table
+    )
+    assert "| yelp | full | 2 | 0.2000 ± 0.0000 | 0.3000 ± 0.0000 | 5.0 | 100% |" in table
+    summary = json.loads((out / "loss-quality.json").read_text())
+    assert summary["yelp"]["sampled_share_of_full"]["mean"] == pytest.approx(0.985)
+    assert summary["ml1m"]["sampled_share_of_full"] is None
     assert "| sports | full | missing |" in table
     assert "| ml1m | full | 2 | 0.2000 ± 0.0000 |" in table
