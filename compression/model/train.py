@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from compression.configs import ModelConfig, TrainConfig
 from compression.data.sequences import Split, pad_left
 from compression.evaluate.metrics import evaluate_model
+from compression.model.catch_up_adam import CatchUpAdam
 from compression.model.losses import LossFn, cloze_loss, sasrec_loss
 from compression.model.resume import (
     ResumeAt,
@@ -200,8 +201,8 @@ def train(
             train_cfg.loss, model_cfg.n_items, train_cfg.negatives, split.item_counts(),
             train_cfg.seed,
         )  # fmt: skip
-    # Sampled losses read a few rows of the item matrix per step: sparse gradients and a
-    # lazy Adam for it keep a step's cost independent of the catalogue.
+    # Sampled losses read a few rows of the item matrix per step: sparse gradients and an
+    # Adam that updates only the rows read keep a step's cost independent of the catalogue.
     sparse = bool(getattr(loss_fn, "sparse_embeddings", False))
     model.item_emb.sparse = sparse
     # Windows as long as the teacher reads, one every `max_len` steps: the model is trained
@@ -292,6 +293,9 @@ def train(
             positions += n
             rate = positions / (time.perf_counter() - epoch_start)
             bar.set_postfix(loss=f"{loss_sum / positions:.4f}", pos_per_s=f"{rate:,.0f}")
+        for opt in optimizers:
+            if isinstance(opt, CatchUpAdam):
+                opt.flush()  # every row up to date before the weights are read
         epoch_s = time.perf_counter() - epoch_start
         record: dict[str, float] = {
             "epoch": epoch,
@@ -386,8 +390,9 @@ def _restore(
 
 
 def _optimizers(model: SASRec, lr: float, sparse: bool) -> list[torch.optim.Optimizer]:
-    """Adam; with sparse item gradients, SparseAdam (lazy Adam: moments move only for the
-    rows a step touched) for the item matrix and Adam for the rest."""
+    """Adam; with sparse item gradients, Adam for all but the item matrix and `CatchUpAdam`
+    for it (dense Adam's trajectory, a row updated only when read: lazy `SparseAdam` trained
+    rarely read rows too little, compression/model/catch_up_adam.py)."""
     betas = (0.9, 0.98)
     if not sparse:
         return [torch.optim.Adam(model.parameters(), lr=lr, betas=betas)]
@@ -395,7 +400,7 @@ def _optimizers(model: SASRec, lr: float, sparse: bool) -> list[torch.optim.Opti
     dense = [p for p in model.parameters() if p is not items]
     return [
         torch.optim.Adam(dense, lr=lr, betas=betas),
-        torch.optim.SparseAdam([items], lr=lr, betas=betas),
+        CatchUpAdam([items], lr=lr, betas=betas),
     ]
 
 
