@@ -312,8 +312,8 @@ def prune_variant(
 
 
 # Quantization-aware fine-tuning: the fp32 model teaches its fake-quantized copy with the
-# headline student's loss (KL on the teacher's top 128 at T = 1, plus labels), at a quarter of
-# the training lr: the weights only have to settle on the int4 grid, not learn anew.
+# headline student's loss (KL on the teacher's top 128 at T = 1, plus labels), at a small share
+# of the training lr: the weights only have to settle on the int4 grid, not learn anew.
 QAT_DISTILL = {"strategy": "fixed", "alpha": 1.0, "temperature": 1.0, "beta": 1.0, "top_k": 128}
 # A twentieth of the model's lr: at a quarter, the ML-1M 3/16 student's validation fell after
 # the first epoch and its int4 kept 96.4% of the teacher (seed 0); at a twentieth, 99.3%
