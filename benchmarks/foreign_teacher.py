@@ -99,7 +99,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
     sequences = read_sequences(args.data)
     ids = sorted({item for seq in sequences for item in seq})  # its own order: as text
     column = {item: c + 1 for c, item in enumerate(ids)}
@@ -108,28 +107,44 @@ def main() -> None:
     model = ForeignTransformer(len(ids), args.hidden, args.blocks, args.heads, args.max_len)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.98))
     window = args.max_len + 1
-    history = []
-    for epoch in range(1, args.epochs + 1):
+    # Native bf16 math where the CPU has it (AVX-512 BF16 / AMX); emulated bf16 is slower.
+    bf16 = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+    args.out.mkdir(parents=True, exist_ok=True)
+    checkpoint = args.out / "checkpoint.pt"  # this script's own file: a killed run resumes
+    history: list[dict[str, float]] = []
+    if checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history = json.loads(state["history"])
+        print(f"resumed after epoch {len(history)}", flush=True)
+    for epoch in range(len(history) + 1, args.epochs + 1):
         model.train()
         started, total, count = time.perf_counter(), 0.0, 0
-        order = rng.permutation(len(train))
+        order = np.random.default_rng([args.seed, epoch]).permutation(len(train))
         for start in range(0, len(order), args.batch_size):
             rows = [train[r][-window:] for r in order[start : start + args.batch_size]]
             batch = np.zeros((len(rows), max(len(r) for r in rows)), dtype=np.int64)
             for b, r in enumerate(rows):
                 batch[b, -len(r) :] = r
             x, y = torch.from_numpy(batch[:, :-1]), torch.from_numpy(batch[:, 1:])
-            logits = model.hidden_states(x) @ model.items.weight.T
             keep = y > 0
-            loss = F.cross_entropy(logits[keep], y[keep])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                # Scores only where there is a next item: padding is a third of ML-1M's rows.
+                logits = model.hidden_states(x)[keep] @ model.items.weight.T
+            loss = F.cross_entropy(logits.float(), y[keep])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total, count = total + float(loss) * int(keep.sum()), count + int(keep.sum())
+            n = int(keep.sum())
+            total, count = total + loss.item() * n, count + n
         seconds = time.perf_counter() - started
         history.append({"epoch": epoch, "loss": total / count, "seconds": seconds})
         print(f"epoch {epoch} loss {total / count:.4f} {seconds:.0f} s", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "history": json.dumps(history)}  # fmt: skip
+        torch.save(state, checkpoint.with_suffix(".tmp"))
+        checkpoint.with_suffix(".tmp").replace(checkpoint)
     model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -140,7 +155,10 @@ def main() -> None:
         )  # fmt: skip
     (args.out / "teacher-items.txt").write_text("\n".join(ids) + "\n")
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    (args.out / "train.json").write_text(json.dumps({"settings": settings, "history": history}))
+    (args.out / "train.json").write_text(
+        json.dumps({"settings": settings, "bf16": bf16, "history": history})
+    )
+    checkpoint.unlink()
 
 
 if __name__ == "__main__":
