@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from compression.configs import ModelConfig
-from compression.data.sequences import leave_one_out, load_dataset, pad_left
+from compression.data.load import load_dataset
+from compression.data.sequences import leave_one_out, pad_left
 from compression.model.losses import full_softmax_ce
 from compression.model.sasrec import FastDropout, SASRec
 from compression.model.train import (

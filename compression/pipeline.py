@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from compression.configs import DataSpec, ModelConfig, StudentRecipe, TeacherRecipe
-from compression.data.sequences import SequenceDataset, Split, leave_one_out, load_dataset
+from compression.data.load import load_dataset
+from compression.data.sequences import SequenceDataset, Split, leave_one_out
 from compression.evaluate.metrics import evaluate_model, evaluate_popularity
 from compression.model.resume import ResumeAt, remove_states
 from model_store.manifest import DatasetInfo, Manifest

@@ -167,8 +167,7 @@ def quantize_variant(
     judged on validation users (a seeded sample of `adaptive_users`), and the published
     metrics on the test users: three disjoint roles."""
     from compression.evaluate.onnx_scoring import ndcg_evaluator
-    from compression.quantize.adaptive import AdaptiveResult
-    from compression.quantize.int8 import quantize_int8
+    from compression.quantize.adaptive import AdaptiveResult, quantize_int8
     from compression.quantize.item_matrix import quantize_item_matrix
 
     parent, _ = store.load(parent_ref)

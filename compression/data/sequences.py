@@ -5,7 +5,7 @@ from internal ids back to the user's original ids travels with every model, beca
 service must answer in the user's own ids.
 
 Loaders for raw event logs live in `compression.data.events`, the synthetic generator in
-`compression.data.synthetic`; `load_dataset` dispatches on the file format.
+`compression.data.synthetic`; `compression.data.load.load_dataset` dispatches on the format.
 """
 
 from __future__ import annotations
@@ -233,27 +233,6 @@ def leave_one_out(data: SequenceDataset) -> Split:
             test.append(int(seq[-1]))
     return Split(
         train, np.array(valid, dtype=np.int64), np.array(test, dtype=np.int64), data.n_items
-    )
-
-
-def load_dataset(spec: str | Path, **kwargs: object) -> SequenceDataset:
-    """Load by path (format from the name) or `synthetic[:key=value,...]`."""
-    spec_str = str(spec)
-    if spec_str == "synthetic" or spec_str.startswith("synthetic:"):
-        from compression.data.synthetic import parse_synthetic_spec, synthetic_dataset
-
-        return synthetic_dataset(parse_synthetic_spec(spec_str))
-    path = Path(spec_str)
-    suffix = path.suffix.lower()
-    if suffix in {".dat", ".csv", ".parquet"}:
-        from compression.data.events import load_event_file
-
-        return load_event_file(path, **kwargs)  # type: ignore[arg-type]
-    if suffix in {".txt", ""}:
-        return load_sequence_file(path)
-    raise DataError(
-        f"{path}: unknown data format {suffix!r}; use a .txt sequence file, "
-        "a MovieLens .dat/.csv, a .csv/.parquet event log, or 'synthetic'"
     )
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from compression.distill.loss import _with_rest
+from compression.distill.terms import with_rest
 
 
 def sampled_cached_terms(
@@ -51,8 +51,8 @@ def sampled_cached_terms(
     log_z1 = log_normaliser(1.0)
     ce = log_z1 - s_label
     log_zt = log_z1 if temperature == 1.0 else log_normaliser(temperature)
-    log_ps = _with_rest(s_top / temperature - log_zt[:, None])
-    log_pt = _with_rest(top_logits / temperature - lse[:, None])
+    log_ps = with_rest(s_top / temperature - log_zt[:, None])
+    log_pt = with_rest(top_logits / temperature - lse[:, None])
     kl = (log_pt.exp() * (log_pt - log_ps)).sum(dim=1) * temperature**2
     l2 = (s_top - top_logits).pow(2).mean(dim=1)
     return kl, l2, ce

@@ -1,5 +1,6 @@
 """Adaptive INT8: keep the nodes that hurt validation NDCG@10 most in float until a
-relative quality budget against the fp32 model is met (`adaptive_quantize`)."""
+relative quality budget against the fp32 model is met (`adaptive_quantize`); and
+`quantize_int8`, what a recipe's [quantize] table selects (dynamic, static, either adaptive)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 from compression.data.sequences import pad_left
 from compression.evaluate.metrics import top_k_agreement
 from compression.export.files import (
+    ModelSummary,
     QuantizeError,
     ScorerEval,
     atomic_output,
@@ -28,6 +30,8 @@ from compression.quantize.int8 import (
     calibration_batches,
     preprocess,
     quantizable_nodes,
+    quantize_dynamic_int8,
+    quantize_static_int8,
 )
 from model_store.runtime import ort_session
 
@@ -186,3 +190,29 @@ def adaptive_quantize(
         sensitivities=tuple(sensitivities),
         trace=tuple(trace),
     )
+
+
+def quantize_int8(
+    src: str | Path,
+    dst: str | Path,
+    cfg: QuantizeConfig,
+    *,
+    max_len: int,
+    calibration_histories: Sequence[np.ndarray] | None = None,
+    scorer_eval: ScorerEval | None = None,
+    proxy_histories: Sequence[np.ndarray] | None = None,
+) -> ModelSummary | AdaptiveResult:
+    """Dispatch on `cfg.mode` and `cfg.adaptive` (what a recipe's [quantize] table selects)."""
+    if cfg.adaptive:
+        if scorer_eval is None or proxy_histories is None:
+            raise QuantizeError(
+                f"{src}: adaptive quantization needs scorer_eval and proxy_histories"
+            )
+        return adaptive_quantize(
+            src, dst, cfg, scorer_eval, proxy_histories, max_len, calibration_histories
+        )
+    if cfg.mode == "dynamic":
+        return quantize_dynamic_int8(src, dst, cfg)
+    if calibration_histories is None:
+        raise QuantizeError(f"{src}: static quantization needs calibration_histories")
+    return quantize_static_int8(src, dst, cfg, calibration_histories, max_len)

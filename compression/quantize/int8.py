@@ -4,8 +4,8 @@
   (`onnxruntime.quantization.quantize_dynamic`). `../shared/DESIGN.md` §8 measured it the
   fastest and most accurate INT8 mode on this CPU, so it is the default.
 - `quantize_static_int8`: QDQ format with activation ranges calibrated on training sequences.
-- `quantize_int8`: what a recipe's [quantize] table selects, including the adaptive search
-  of `compression.quantize.adaptive` (harmful nodes kept in float).
+- What a recipe's [quantize] table selects, the adaptive search included, is
+  `compression.quantize.adaptive.quantize_int8`.
 
 The item-embedding matrix has its own int8 format (`compression.quantize.item_matrix`), float16 its
 own module (`compression.quantize.fp16`); file handling is shared (`compression.export.files`).
@@ -18,7 +18,7 @@ import io
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -32,7 +32,6 @@ from compression.export.files import (
     MATMUL_OPS,
     ModelSummary,
     QuantizeError,
-    ScorerEval,
     atomic_output,
     describe,
     load_scoring_model,
@@ -40,9 +39,6 @@ from compression.export.files import (
     save_model,
     score_width,
 )
-
-if TYPE_CHECKING:
-    from compression.quantize.adaptive import AdaptiveResult
 
 
 class QuantizeConfig(BaseModel):
@@ -472,31 +468,3 @@ def quantize_static_int8(
         raise QuantizeError(f"{src}: quantize_static_int8 needs mode='static', got {cfg.mode!r}")
     batches = calibration_batches(calibration_histories, max_len, cfg, Path(src))
     return _quantize_file(Path(src), Path(dst), cfg, batches)
-
-
-def quantize_int8(
-    src: str | Path,
-    dst: str | Path,
-    cfg: QuantizeConfig,
-    *,
-    max_len: int,
-    calibration_histories: Sequence[np.ndarray] | None = None,
-    scorer_eval: ScorerEval | None = None,
-    proxy_histories: Sequence[np.ndarray] | None = None,
-) -> ModelSummary | AdaptiveResult:
-    """Dispatch on `cfg.mode` and `cfg.adaptive` (what a recipe's [quantize] table selects)."""
-    if cfg.adaptive:
-        from compression.quantize.adaptive import adaptive_quantize
-
-        if scorer_eval is None or proxy_histories is None:
-            raise QuantizeError(
-                f"{src}: adaptive quantization needs scorer_eval and proxy_histories"
-            )
-        return adaptive_quantize(
-            src, dst, cfg, scorer_eval, proxy_histories, max_len, calibration_histories
-        )
-    if cfg.mode == "dynamic":
-        return quantize_dynamic_int8(src, dst, cfg)
-    if calibration_histories is None:
-        raise QuantizeError(f"{src}: static quantization needs calibration_histories")
-    return quantize_static_int8(src, dst, cfg, calibration_histories, max_len)

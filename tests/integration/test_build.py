@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -40,11 +41,9 @@ qat_epochs = 1
 """
 
 
-def _count_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
-    """Wrap `compression.data.sequences.<name>` wherever a compression module imported it."""
-    import compression.data.sequences as sequences
-
-    original, calls = getattr(sequences, name), []
+def _count_calls(monkeypatch: pytest.MonkeyPatch, where: str, name: str) -> list[int]:
+    """Wrap `<where>.<name>` wherever a compression module imported it."""
+    original, calls = getattr(importlib.import_module(where), name), []
 
     def counted(*args: object, **kwargs: object) -> object:
         calls.append(1)
@@ -67,8 +66,8 @@ def test_build_publishes_the_family_and_a_rerun_reuses_it(
     path.write_text(RECIPE)
     recipe = load_build_recipe(path)
     store = ModelStore(tmp_path / "store")
-    loads = _count_calls(monkeypatch, "load_dataset")
-    splits = _count_calls(monkeypatch, "leave_one_out")
+    loads = _count_calls(monkeypatch, "compression.data.load", "load_dataset")
+    splits = _count_calls(monkeypatch, "compression.data.sequences", "leave_one_out")
     import model_store.store as store_module
 
     checked: list[tuple[str, int]] = []

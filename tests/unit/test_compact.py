@@ -14,7 +14,8 @@ from compression.configs import ModelConfig
 from compression.export.compact import POSITION_TABLE, compact_file, shorten_context
 from compression.export.exporter import export_onnx
 from compression.model.sasrec import SASRec
-from compression.quantize.int8 import QuantizeConfig, quantize_int8
+from compression.quantize.adaptive import quantize_int8
+from compression.quantize.int8 import QuantizeConfig
 
 MAX_LEN = 12
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from compression.data.load import load_dataset
 from compression.data.sequences import (
     DataError,
     leave_one_out,
-    load_dataset,
     load_sequence_file,
     pad_left,
     read_item_mapping,

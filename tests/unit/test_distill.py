@@ -11,12 +11,8 @@ import torch
 from compression.configs import ModelConfig
 from compression.data.sequences import pad_left
 from compression.distill import loss as distill_module
-from compression.distill.loss import (
-    DistillConfig,
-    DistillLoss,
-    distill_terms,
-    reliability_weight,
-)
+from compression.distill.loss import DistillConfig, DistillLoss, reliability_weight
+from compression.distill.terms import distill_terms
 from compression.model.sasrec import SASRec
 
 S = torch.tensor([[1.0, 0.0, -1.0], [0.5, 2.0, 0.0]])
@@ -203,8 +199,8 @@ def test_no_cache_without_top_k_or_with_the_whole_catalogue() -> None:
 
 
 def test_sampled_terms_equal_the_full_ones_when_every_item_is_drawn() -> None:
-    from compression.distill.loss import cached_terms
     from compression.distill.sampled import sampled_cached_terms
+    from compression.distill.terms import cached_terms
 
     torch.manual_seed(0)
     n, rows, k = 40, 6, 5

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 
 from compression.data.events import load_event_file
+from compression.data.load import load_dataset
 from compression.data.sequences import (
     DataError,
     SequenceDataset,
-    load_dataset,
     read_item_mapping,
 )
 from model_store.store import sha256_file

@@ -130,7 +130,7 @@ def test_popularity_baseline_with_all_equal_counts_is_not_flattered() -> None:
 
 def test_torch_and_numpy_ranks_agree_with_forced_ties() -> None:
     torch = pytest.importorskip("torch")
-    from compression.distill.loss import distill_terms
+    from compression.distill.terms import distill_terms
 
     rng = np.random.default_rng(1)
     rows, items = 64, 40
