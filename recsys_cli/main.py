@@ -39,6 +39,12 @@ def _console() -> Any:
     return console if console.is_terminal else Console(width=120)
 
 
+def _bars(progress: bool) -> bool:
+    """Progress bars only on a terminal: redirected to a log file they print nothing useful
+    (a build with bars logged nothing for its whole first hour), so log lines go there."""
+    return progress and sys.stderr.isatty() and sys.stdout.isatty()
+
+
 def _quiet(_message: str) -> None:
     """Per-epoch log sink for the demo: its tables say what matters."""
 
@@ -153,7 +159,9 @@ def train(
     time_limit_s: Annotated[float | None, typer.Option(help="Wall-time limit.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     store: StoreOpt = Path(DEFAULT_STORE),
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    progress: Annotated[
+        bool, typer.Option(help="Progress bars on a terminal (log lines elsewhere).")
+    ] = True,
 ) -> None:
     """Train a SASRec teacher, evaluate it (full ranking) and publish it to the store."""
     from compression.pipeline import train_teacher
@@ -176,7 +184,7 @@ def train(
         time_limit_s=time_limit_s,
         seed=seed,
     )
-    report = train_teacher(cfg, _store(store), progress=progress)
+    report = train_teacher(cfg, _store(store), progress=_bars(progress))
     _report_model(report)
 
 
@@ -276,7 +284,9 @@ def distill(
         str | None, typer.Option(help="With --teacher-onnx: the data file to distil on.")
     ] = None,
     store: StoreOpt = Path(DEFAULT_STORE),
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    progress: Annotated[
+        bool, typer.Option(help="Progress bars on a terminal (log lines elsewhere).")
+    ] = True,
 ) -> None:
     """Distil a teacher into a smaller student and publish it: a stored teacher (parent =
     teacher), or an ONNX teacher from elsewhere (--teacher-onnx, --teacher-items, --data)."""
@@ -300,10 +310,10 @@ def distill(
             raise UserError("--teacher-onnx needs --teacher-items FILE and --data PATH")
         report = distill_from_external(
             cfg, DataSpec(path=data), teacher_onnx, teacher_items, _store(store),
-            context=teacher_context, progress=progress,
+            context=teacher_context, progress=_bars(progress),
         )  # fmt: skip
     else:
-        report = distill_student(cfg, _store(store), progress=progress)
+        report = distill_student(cfg, _store(store), progress=_bars(progress))
     _report_model(report)
     typer.echo(
         f"published {report.manifest.name}@{report.manifest.version} "
@@ -581,7 +591,9 @@ def build(
     recipe: Annotated[Path, typer.Option(help="Build recipe TOML (see recipes/ml1m.toml).")],
     data: Annotated[str | None, typer.Option(help="Override the recipe's data path.")] = None,
     store: StoreOpt = Path(DEFAULT_STORE),
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    progress: Annotated[
+        bool, typer.Option(help="Progress bars on a terminal (log lines elsewhere).")
+    ] = True,
     repeats_b1: Annotated[int, typer.Option(help="Report: timed runs at batch 1.")] = 200,
     repeats_b64: Annotated[int, typer.Option(help="Report: timed runs at larger batches.")] = 50,
     out: Annotated[
@@ -599,7 +611,7 @@ def build(
     cfg = load_build_recipe(recipe)
     if data is not None:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": data})})
-    _build_and_report(cfg, store, progress, (repeats_b1, repeats_b64), out)
+    _build_and_report(cfg, store, _bars(progress), (repeats_b1, repeats_b64), out)
 
 
 @app.command()
