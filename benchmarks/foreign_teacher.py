@@ -85,6 +85,38 @@ def read_sequences(path: Path) -> list[list[str]]:
         return [line.split()[1:] for line in f if line.split()[1:]]
 
 
+def save_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, history: list[dict[str, float]]
+) -> None:
+    """Weights and Adam's moments as safetensors, the rest as JSON metadata (nothing pickled)."""
+    from safetensors.torch import save_file
+
+    opt = optimizer.state_dict()
+    tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    for i, state in opt["state"].items():
+        tensors.update({f"opt.{i}.{k}": v.contiguous() for k, v in state.items()})
+    meta = {"param_groups": json.dumps(opt["param_groups"]), "history": json.dumps(history)}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> list:
+    """Restore what `save_checkpoint` wrote; returns the epochs' history. (Dropout draws
+    after a resume differ from an uninterrupted run's: a benchmark teacher, not a test.)"""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    return json.loads(meta["history"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data", type=Path, help="sequence file: user item item ...")
@@ -110,13 +142,10 @@ def main() -> None:
     # Native bf16 math where the CPU has it (AVX-512 BF16 / AMX); emulated bf16 is slower.
     bf16 = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
     args.out.mkdir(parents=True, exist_ok=True)
-    checkpoint = args.out / "checkpoint.pt"  # this script's own file: a killed run resumes
+    checkpoint = args.out / "checkpoint.safetensors"  # a killed run resumes from it
     history: list[dict[str, float]] = []
     if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        history = json.loads(state["history"])
+        history = load_checkpoint(checkpoint, model, optimizer)
         print(f"resumed after epoch {len(history)}", flush=True)
     for epoch in range(len(history) + 1, args.epochs + 1):
         model.train()
@@ -141,9 +170,7 @@ def main() -> None:
         seconds = time.perf_counter() - started
         history.append({"epoch": epoch, "loss": total / count, "seconds": seconds})
         print(f"epoch {epoch} loss {total / count:.4f} {seconds:.0f} s", flush=True)
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "history": json.dumps(history)}  # fmt: skip
-        torch.save(state, checkpoint.with_suffix(".tmp"))
+        save_checkpoint(checkpoint.with_suffix(".tmp"), model, optimizer, history)
         checkpoint.with_suffix(".tmp").replace(checkpoint)
     model.eval()
     with warnings.catch_warnings():
