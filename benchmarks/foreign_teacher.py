@@ -1,6 +1,6 @@
 """A teacher from outside the project, for issue 26's acceptance: a causal Transformer built
-from plain PyTorch modules (none of the project's model code),
-trained by its own loop on the training part of a sequence file (each user's last two items
+from plain PyTorch modules (none of the project's model code; the project gives only the
+plumbing: its bf16 check and its resumable run-state file), trained by its own loop on the training part of a sequence file (each user's last two items
 held out, as the project's leave-one-out split does), with its own item order (the data's
 string ids sorted as text), exported by `torch.onnx.export`.
 
@@ -25,6 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from compression.model.resume import load_state, save_state
+from compression.model.train import fast_bf16
 
 
 class Block(nn.Module):
@@ -85,38 +88,6 @@ def read_sequences(path: Path) -> list[list[str]]:
         return [line.split()[1:] for line in f if line.split()[1:]]
 
 
-def save_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, history: list[dict[str, float]]
-) -> None:
-    """Weights and Adam's moments as safetensors, the rest as JSON metadata (nothing pickled)."""
-    from safetensors.torch import save_file
-
-    opt = optimizer.state_dict()
-    tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
-    for i, state in opt["state"].items():
-        tensors.update({f"opt.{i}.{k}": v.contiguous() for k, v in state.items()})
-    meta = {"param_groups": json.dumps(opt["param_groups"]), "history": json.dumps(history)}
-    save_file(tensors, str(path), metadata=meta)
-
-
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> list:
-    """Restore what `save_checkpoint` wrote; returns the epochs' history. (Dropout draws
-    after a resume differ from an uninterrupted run's: a benchmark teacher, not a test.)"""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    state: dict[int, dict[str, Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("opt."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
-    return json.loads(meta["history"])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data", type=Path, help="sequence file: user item item ...")
@@ -139,13 +110,15 @@ def main() -> None:
     model = ForeignTransformer(len(ids), args.hidden, args.blocks, args.heads, args.max_len)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.98))
     window = args.max_len + 1
-    # Native bf16 math where the CPU has it (AVX-512 BF16 / AMX); emulated bf16 is slower.
-    bf16 = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+    bf16 = fast_bf16(torch.device("cpu"))  # emulated bf16 would be slower than fp32
     args.out.mkdir(parents=True, exist_ok=True)
     checkpoint = args.out / "checkpoint.safetensors"  # a killed run resumes from it
     history: list[dict[str, float]] = []
-    if checkpoint.exists():
-        history = load_checkpoint(checkpoint, model, optimizer)
+    state = load_state(checkpoint, print)
+    if state is not None:  # dropout draws then differ from an uninterrupted run's
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history = state["history"]
         print(f"resumed after epoch {len(history)}", flush=True)
     for epoch in range(len(history) + 1, args.epochs + 1):
         model.train()
@@ -170,8 +143,8 @@ def main() -> None:
         seconds = time.perf_counter() - started
         history.append({"epoch": epoch, "loss": total / count, "seconds": seconds})
         print(f"epoch {epoch} loss {total / count:.4f} {seconds:.0f} s", flush=True)
-        save_checkpoint(checkpoint.with_suffix(".tmp"), model, optimizer, history)
-        checkpoint.with_suffix(".tmp").replace(checkpoint)
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+        save_state(checkpoint, {**state, "history": history})
     model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
