@@ -1,8 +1,9 @@
 """A teacher from outside the project, for issue 26's acceptance: a causal Transformer built
 from plain PyTorch modules (none of the project's model code; the project gives only the
-plumbing: its bf16 check and its resumable run-state file), trained by its own loop on the training part of a sequence file (each user's last two items
-held out, as the project's leave-one-out split does), with its own item order (the data's
-string ids sorted as text), exported by `torch.onnx.export`.
+plumbing: its bf16 check and its resumable run-state file), trained by its own loop on the
+training part of a sequence file (each user's last two items held out, as the project's
+leave-one-out split does), with its own item order (the data's string ids sorted as text),
+exported by `torch.onnx.export`.
 
     python benchmarks/foreign_teacher.py ../shared/data/ml-1m/ml-1m.txt \
         --out benchmarks/results/foreign-teacher --epochs 40 --hidden 128 --max-len 200
