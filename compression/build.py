@@ -9,9 +9,12 @@ Recipe (TOML):
     context = [{source = "<name>", max_len = 50}]   # read only the most recent items
     [data]                 # as in a teacher recipe
     [teacher]              # model = {...}, train = {...}: published as "<family>-teacher"
+    [external_teacher]     # instead of [teacher]: onnx, items, context, name (an ONNX model
+                           # from elsewhere, imported; docs/distillation.md#external-teachers)
     [[students]]           # name, model, train, distill (omit distill: labels only)
     [[quantize]]           # source (a model name of this build), name, item_matrix, config
     [[prune]]              # source, name, config = {heads_keep, ffn_keep, ...}, train, distill
+    [[int4]]               # source, name, block_size, qat_epochs (docs/compression.md)
     [compare]              # batch_sizes, threads: the report over the whole family, written
                            # to `out`, default the store's reports/ folder (`<store>/../reports`)
 

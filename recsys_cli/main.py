@@ -29,6 +29,18 @@ StoreOpt = Annotated[
         "--store", envvar="RECSYS_STORE", help="Model store root folder.", show_default=True
     ),
 ]
+# A generic CSV/Parquet event log names its columns (DataSpec); other formats are detected.
+UserColOpt = Annotated[str | None, typer.Option(help="Event log: user column.")]
+ItemColOpt = Annotated[str | None, typer.Option(help="Event log: item column.")]
+TimeColOpt = Annotated[str | None, typer.Option(help="Event log: timestamp column.")]
+
+
+def _data_spec(path: str, user_col: str | None, item_col: str | None, time_col: str | None) -> Any:
+    """The data section from `--data` and the column flags, validated (exit 2 on a bad one)."""
+    from compression.configs import DataSpec
+
+    cols = {"user_col": user_col, "item_col": item_col, "time_col": time_col}
+    return _validated(DataSpec, {"path": path, **cols})
 
 
 def _console() -> Any:
@@ -140,9 +152,9 @@ def train(
     data: Annotated[
         str | None, typer.Option(help="Data file or 'synthetic[:users=..,items=..]'.")
     ] = None,
-    user_col: Annotated[str | None, typer.Option(help="Event log: user column.")] = None,
-    item_col: Annotated[str | None, typer.Option(help="Event log: item column.")] = None,
-    time_col: Annotated[str | None, typer.Option(help="Event log: timestamp column.")] = None,
+    user_col: UserColOpt = None,
+    item_col: ItemColOpt = None,
+    time_col: TimeColOpt = None,
     min_user_count: Annotated[
         int | None, typer.Option(help="Event log: drop users with fewer events (k-core).")
     ] = None,
@@ -283,6 +295,9 @@ def distill(
     data: Annotated[
         str | None, typer.Option(help="With --teacher-onnx: the data file to distil on.")
     ] = None,
+    user_col: UserColOpt = None,
+    item_col: ItemColOpt = None,
+    time_col: TimeColOpt = None,
     store: StoreOpt = Path(DEFAULT_STORE),
     progress: Annotated[
         bool, typer.Option(help="Progress bars on a terminal (log lines elsewhere).")
@@ -290,9 +305,15 @@ def distill(
 ) -> None:
     """Distil a teacher into a smaller student and publish it: a stored teacher (parent =
     teacher), or an ONNX teacher from elsewhere (--teacher-onnx, --teacher-items, --data)."""
-    from compression.configs import DataSpec, StudentRecipe, load_recipe
+    from compression.configs import StudentRecipe, load_recipe
     from compression.pipeline import distill_from_external, distill_student
 
+    data_flags = {"--data": data, "--user-col": user_col, "--item-col": item_col,
+                  "--time-col": time_col, "--teacher-items": teacher_items}  # fmt: skip
+    stray = [flag for flag, value in data_flags.items() if value is not None]
+    if teacher_onnx is None and stray:
+        # A stored teacher brings its own data; silently ignoring these would mislead.
+        raise UserError(f"{', '.join(stray)} only apply with --teacher-onnx MODEL.onnx")
     cfg = load_recipe(str(recipe), StudentRecipe)
     updates: dict[str, Any] = {}
     if teacher is not None:
@@ -308,8 +329,9 @@ def distill(
     if teacher_onnx is not None:
         if teacher_items is None or data is None:
             raise UserError("--teacher-onnx needs --teacher-items FILE and --data PATH")
+        spec = _data_spec(data, user_col, item_col, time_col)
         report = distill_from_external(
-            cfg, DataSpec(path=data), teacher_onnx, teacher_items, _store(store),
+            cfg, spec, teacher_onnx, teacher_items, _store(store),
             context=teacher_context, progress=_bars(progress),
         )  # fmt: skip
     else:
@@ -347,19 +369,16 @@ def import_onnx(
     data: Annotated[str, typer.Option(help="The data (event log or sequence file) to serve.")],
     name: Annotated[str, typer.Option(help="Store name of the imported model.")],
     context: Annotated[int, typer.Option(help="Most recent items it reads.", min=1)] = 200,
-    user_col: Annotated[str | None, typer.Option(help="Event log: user column.")] = None,
-    item_col: Annotated[str | None, typer.Option(help="Event log: item column.")] = None,
-    time_col: Annotated[str | None, typer.Option(help="Event log: timestamp column.")] = None,
+    user_col: UserColOpt = None,
+    item_col: ItemColOpt = None,
+    time_col: TimeColOpt = None,
     store: StoreOpt = Path(DEFAULT_STORE),
 ) -> None:
     """Import a recommender trained elsewhere (checked against the teacher contract, its ids
     joined to the data's) as a stored model: served, compared and compressed like ours."""
-    from compression.configs import DataSpec
     from compression.external import import_external
 
-    spec = _validated(
-        DataSpec, {"path": data, "user_col": user_col, "item_col": item_col, "time_col": time_col}
-    )
+    spec = _data_spec(data, user_col, item_col, time_col)
     m = import_external(_store(store), model, items, spec, name, context=context)
     typer.echo(
         f"published {m.name}@{m.version}: test NDCG@10 {m.metrics['test_ndcg@10']:.4f}, "

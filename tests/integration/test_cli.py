@@ -106,14 +106,23 @@ def test_train_store_evaluate_round_trip(monkeypatch, capsys, tmp_path) -> None:
     assert code == 2 and "model.safetensors" in err and err.count("\n") == 1
 
 
-def test_train_from_generic_event_csv(monkeypatch, capsys, tmp_path) -> None:
+def _events_csv(folder: Path) -> Path:
+    """A generic event log whose columns must be named: users u*, items item*, times."""
     rows = ["who,what,when"]
     rng = __import__("random").Random(0)
     for user in range(40):
         for t in range(8):
             rows.append(f"u{user},item{rng.randrange(25)},{1000 + t}")
-    path = tmp_path / "events.csv"
+    path = folder / "events.csv"
     path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+COLUMNS = ("--user-col", "who", "--item-col", "what", "--time-col", "when")
+
+
+def test_train_from_generic_event_csv(monkeypatch, capsys, tmp_path) -> None:
+    path = _events_csv(tmp_path)
     store = str(tmp_path / "store")
     base = [
         "train",
@@ -133,14 +142,41 @@ def test_train_from_generic_event_csv(monkeypatch, capsys, tmp_path) -> None:
     ]
     code, _, err = run(monkeypatch, capsys, *base)
     assert code == 2 and "who" in err  # columns must be named for a generic CSV
-    code, _, err = run(
-        monkeypatch, capsys, *base, "--user-col", "who", "--item-col", "what", "--time-col", "when"
-    )
+    code, _, err = run(monkeypatch, capsys, *base, *COLUMNS)
     assert code == 0, err
     from compression.data.sequences import read_item_mapping
 
     mapping = read_item_mapping(Path(store) / "ev" / "1" / "items.json")
     assert mapping and all(item.startswith("item") for item in mapping)  # the user's own ids
+
+    # The trained model, used as an ONNX teacher from elsewhere, teaches a student on the same
+    # event log: --data with its columns, as for import-onnx.
+    items = tmp_path / "teacher-items.txt"
+    items.write_text("\n".join(mapping) + "\n")
+    recipe = tmp_path / "student.toml"
+    recipe.write_text(
+        'name = "ev-student"\nteacher = "external"\n'
+        "[model]\nhidden = 8\nmax_len = 8\nn_blocks = 1\n"
+        "[train]\nmax_epochs = 1\nthreads = 1\n[distill]\ntop_k = 5\n"
+    )
+    teacher = str(Path(store) / "ev" / "1" / "model.onnx")
+    distill = ["distill", "--recipe", str(recipe), "--teacher-onnx", teacher,
+               "--teacher-items", str(items), "--data", str(path), "--teacher-context", "8",
+               "--no-progress", "--store", store]  # fmt: skip
+    code, _, err = run(monkeypatch, capsys, *distill)
+    assert code == 2 and "who" in err  # the same column check as for training
+    code, out, err = run(monkeypatch, capsys, *distill, *COLUMNS)
+    assert code == 0, err
+    assert "published ev-student@1" in out
+    manifest = json.loads((Path(store) / "ev-student" / "1" / "manifest.json").read_text())
+    assert manifest["recipe"]["external_teacher"]["unknown_items"] == 0
+
+
+def test_distill_refuses_data_flags_without_an_onnx_teacher(monkeypatch, capsys, tmp_path) -> None:
+    code, _, err = run(
+        monkeypatch, capsys, "distill", "--recipe", "r.toml", "--data", "x.csv", "--user-col", "u"
+    )
+    assert code == 2 and "--data, --user-col only apply with --teacher-onnx" in err
 
 
 def test_time_limit_before_the_first_validation_still_publishes(
