@@ -23,7 +23,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from compression.configs import DataSpec
-from compression.distill.external import TeacherContractError, load_external_teacher
+from compression.distill.external import (
+    TeacherContractError,
+    load_external_teacher,
+    parameter_count,
+)
 from compression.evaluate.metrics import eval_batch_size, evaluate_scorer
 from compression.evaluate.onnx_scoring import onnx_scorer
 from compression.export.exporter import INPUT_NAME, OUTPUT_NAME
@@ -112,7 +116,7 @@ def import_external(
     teacher = load_external_teacher(teacher_onnx, teacher_items, data)
     log(f"{teacher_onnx.name}: {teacher.join.report()}")
     model = onnx.load(str(teacher_onnx))
-    params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+    params = parameter_count(teacher_onnx)
     store.root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".import-", dir=store.root) as tmp:
         wrapped, items = Path(tmp) / "model.onnx", Path(tmp) / "items.json"

@@ -232,3 +232,24 @@ def check_runs(session: Any, path: Path, n_teacher_items: int) -> None:
                 f"{path}: a [{batch}, {length}] history batch gave scores of shape "
                 f"{list(out.shape)}, expected [{batch}, {n_teacher_items + 1}]"
             )
+
+
+def parameter_count(onnx_path: Path) -> int:
+    """The model's parameters: its initializers' sizes, a matrix counted once when another
+    initializer holds the same values or their transpose. torch.onnx.export writes a tied
+    item matrix twice (the input Gather's table and the output MatMul's transposed copy):
+    one set of parameters, which counted twice would flatter every student's size ratio."""
+    import onnx
+    from onnx import numpy_helper
+
+    seen: dict[tuple[tuple[int, ...], str], list[np.ndarray]] = {}
+    total = 0
+    for init in onnx.load(str(onnx_path)).graph.initializer:
+        weights = numpy_helper.to_array(init)
+        if weights.ndim == 2:  # only matrices: equal vectors (fresh biases, norms) are not ties
+            alike = seen.setdefault((tuple(sorted(weights.shape)), str(weights.dtype)), [])
+            if any(np.array_equal(weights, m) or np.array_equal(weights, m.T) for m in alike):
+                continue
+            alike.append(weights)
+        total += weights.size
+    return total

@@ -18,6 +18,7 @@ from compression.distill.external import (
     TeacherContractError,
     join_items,
     load_external_teacher,
+    parameter_count,
     read_teacher_items,
 )
 
@@ -201,3 +202,29 @@ def test_scores_of_a_pytorch_exported_teacher_arrive_in_data_ids(
     np.testing.assert_allclose(got[:, [1, 2, 4, 5]], want[:, columns], rtol=1e-4, atol=1e-5)
     assert np.isneginf(got[:, [0, 3]]).all()  # padding and the unknown item
     assert len(teacher.sha256) == 64
+
+
+class Tied(Bidirectional):
+    """The same encoder scoring with its item embeddings (weight tying, as SASRec does)."""
+
+    def __init__(self, n_items: int, dim: int = 16) -> None:
+        super().__init__(n_items, dim)
+        self.out = nn.Linear(dim, n_items + 1, bias=False)
+        self.out.weight = self.items.weight
+
+
+@pytest.mark.parametrize("cls", [Bidirectional, Tied])
+def test_parameter_count_counts_a_tied_matrix_once(tmp_path: Path, cls: type) -> None:
+    model = cls(len(TEACHER_ITEMS)).eval()
+    path = tmp_path / "t.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (torch.randint(1, 13, (2, 5)),), str(path), input_names=["history"],
+            output_names=["logits"], opset_version=17, dynamo=False,
+        )  # fmt: skip
+    stored = sum(int(np.prod(t.dims)) for t in onnx.load(str(path)).graph.initializer)
+    want = sum(p.numel() for p in model.parameters())  # PyTorch counts a shared tensor once
+    assert parameter_count(path) == want
+    if cls is Tied:
+        assert stored == want + model.items.weight.numel()  # the exporter's second copy
