@@ -116,7 +116,7 @@ def import_external(
     teacher = load_external_teacher(teacher_onnx, teacher_items, data)
     log(f"{teacher_onnx.name}: {teacher.join.report()}")
     model = onnx.load(str(teacher_onnx))
-    params = parameter_count(teacher_onnx)
+    params = parameter_count(model)
     store.root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".import-", dir=store.root) as tmp:
         wrapped, items = Path(tmp) / "model.onnx", Path(tmp) / "items.json"

@@ -418,6 +418,8 @@ def distill_from_external(
     manifest names the teacher by its file's sha256."""
     from functools import partial
 
+    import onnx
+
     from compression.distill.external import load_external_teacher, parameter_count
     from compression.distill.external_targets import external_targets
     from compression.distill.loss import DistillLoss
@@ -447,7 +449,7 @@ def distill_from_external(
         student_cfg, recipe.train, split, loss_fn=loss, progress=progress, log=log,
         on_eval=loss.on_eval, input_len=max(context, student_cfg.max_len), resume=resume,
     )  # fmt: skip
-    teacher_params = parameter_count(teacher_onnx)
+    teacher_params = parameter_count(onnx.load(str(teacher_onnx)))
     external = {
         "file": teacher_onnx.name,
         "sha256": teacher.sha256,

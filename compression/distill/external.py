@@ -16,13 +16,16 @@ import csv
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from compression.data.sequences import SequenceDataset
 from model_store.item_ids import item_id_key
 from model_store.runtime import ort_session
+
+if TYPE_CHECKING:
+    import onnx
 
 
 class TeacherContractError(ValueError):
@@ -234,17 +237,16 @@ def check_runs(session: Any, path: Path, n_teacher_items: int) -> None:
             )
 
 
-def parameter_count(onnx_path: Path) -> int:
+def parameter_count(model: onnx.ModelProto) -> int:
     """The model's parameters: its initializers' sizes, a matrix counted once when another
     initializer holds the same values or their transpose. torch.onnx.export writes a tied
     item matrix twice (the input Gather's table and the output MatMul's transposed copy):
     one set of parameters, which counted twice would flatter every student's size ratio."""
-    import onnx
     from onnx import numpy_helper
 
     seen: dict[tuple[tuple[int, ...], str], list[np.ndarray]] = {}
     total = 0
-    for init in onnx.load(str(onnx_path)).graph.initializer:
+    for init in model.graph.initializer:
         weights = numpy_helper.to_array(init)
         if weights.ndim == 2:  # only matrices: equal vectors (fresh biases, norms) are not ties
             alike = seen.setdefault((tuple(sorted(weights.shape)), str(weights.dtype)), [])

@@ -45,9 +45,9 @@ class Bidirectional(nn.Module):
         return self.out(x[:, -1])
 
 
-def exported_teacher(path: Path) -> nn.Module:
+def exported_teacher(path: Path, cls: type[nn.Module] | None = None) -> nn.Module:
     torch.manual_seed(0)
-    model = Bidirectional(len(TEACHER_ITEMS)).eval()
+    model = (cls or Bidirectional)(len(TEACHER_ITEMS)).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -215,16 +215,10 @@ class Tied(Bidirectional):
 
 @pytest.mark.parametrize("cls", [Bidirectional, Tied])
 def test_parameter_count_counts_a_tied_matrix_once(tmp_path: Path, cls: type) -> None:
-    model = cls(len(TEACHER_ITEMS)).eval()
-    path = tmp_path / "t.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model, (torch.randint(1, 13, (2, 5)),), str(path), input_names=["history"],
-            output_names=["logits"], opset_version=17, dynamo=False,
-        )  # fmt: skip
-    stored = sum(int(np.prod(t.dims)) for t in onnx.load(str(path)).graph.initializer)
+    model = exported_teacher(tmp_path / "t.onnx", cls)
+    graph = onnx.load(str(tmp_path / "t.onnx"))
+    stored = sum(int(np.prod(t.dims)) for t in graph.graph.initializer)
     want = sum(p.numel() for p in model.parameters())  # PyTorch counts a shared tensor once
-    assert parameter_count(path) == want
+    assert parameter_count(graph) == want
     if cls is Tied:
         assert stored == want + model.items.weight.numel()  # the exporter's second copy
